@@ -1,0 +1,13 @@
+"""Adapter kinds, one module each, and the table that maps a method name to its classes."""
+
+from loramoe.adapters.base import AdapterConfig, AdapterLayer, MergeError
+from loramoe.adapters.lora import LoraConfig, LoraLinear
+from loramoe.adapters.loramoe import LoraMoEConfig, LoraMoELinear
+
+LAYER_CLASSES: dict[str, type[AdapterLayer]] = {
+    LoraConfig.method: LoraLinear,
+    LoraMoEConfig.method: LoraMoELinear,
+}
+
+__all__ = ["AdapterConfig", "AdapterLayer", "MergeError", "LoraConfig", "LoraLinear",
+           "LoraMoEConfig", "LoraMoELinear", "LAYER_CLASSES"]

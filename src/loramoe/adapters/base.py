@@ -1,0 +1,120 @@
+"""What every adapter kind shares: wrapping a frozen base layer, exact merge/unmerge, on/off.
+
+An adapter layer replaces a frozen ``nn.Linear`` (weight (d_out, d_in)) or a GPT-2 style
+``Conv1D`` (weight (d_in, d_out), transposed) in place. It keeps the base layer as its
+``base_layer`` child and adds ``adapter_delta(x)`` to the base output. Kinds subclass
+``AdapterLayer`` once and implement ``adapter_delta`` and, where the update is a fixed matrix,
+``delta_weight``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
+
+
+class MergeError(ValueError):
+    """Raised when an adapter cannot be folded into the base weight."""
+
+
+@dataclass
+class AdapterConfig:
+    """Fields every adapter kind has. Subclasses set ``method`` and add their own fields."""
+
+    method: ClassVar[str] = ""
+
+    target_modules: list[str] | str | None = None
+    """Module names (a path or its last components, e.g. ``"mlp.down_proj"``) or one regex matched
+    against the full module path. None: the MLP projections of the model's architecture."""
+
+    dropout: float = 0.0
+    """Dropout on the adapter's input; the base layer and the router see the input unchanged."""
+
+    dtype: str | None = None
+    """Adapter parameter dtype (``"float32"``, ``"bfloat16"``, ...). None: the base weight's dtype."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.dtype is not None and not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ValueError(f"dtype must name a torch dtype such as 'float32', got {self.dtype!r}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules must not be an empty list")
+
+
+def layer_shape(layer: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a supported base layer."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if isinstance(layer, Conv1D):
+        d_in, d_out = layer.weight.shape
+        return d_in, d_out
+    raise TypeError(f"unsupported base layer {type(layer).__name__}; expected nn.Linear or Conv1D")
+
+
+class AdapterLayer(nn.Module):
+    """A frozen base layer plus a trainable update. ``merge``/``unmerge`` are idempotent and exact:
+    merging keeps a copy of W0, so unmerging restores it bit for bit (at the cost of one copy of
+    the adapted weights while merged)."""
+
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = layer_shape(base_layer)
+        self.merged = False
+        self.disabled = False
+        self._unmerged_weight: Tensor | None = None
+
+    @staticmethod
+    def parameter_dtype(base_layer: nn.Module, config: AdapterConfig) -> torch.dtype:
+        return getattr(torch, config.dtype) if config.dtype else base_layer.weight.dtype
+
+    def adapter_delta(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self) -> Tensor:
+        """The update as a (d_out, d_in) matrix to add to W0."""
+        raise MergeError(f"{type(self).__name__} has no fixed weight update to merge")
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        if self.merged or self.disabled:
+            return out
+        return out + self.adapter_delta(x).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        delta = self.delta_weight()
+        weight = self.base_layer.weight
+        self._unmerged_weight = weight.detach().clone()
+        weight += (delta.T if isinstance(self.base_layer, Conv1D) else delta).to(weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.base_layer.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged = False
+
+    def adapter_state(self) -> dict[str, Tensor]:
+        """This layer's adapter tensors by their local key (e.g. ``lora_A``, ``router.weight``)."""
+        return {k: v for k, v in self.state_dict(keep_vars=True).items()
+                if not k.startswith("base_layer.")}
+
+    @classmethod
+    def parameter_shapes(cls, d_in: int, d_out: int, config: AdapterConfig) -> dict[str, tuple[int, ...]]:
+        """The shapes ``adapter_state`` will have, known before the layer exists (used to
+        validate a saved adapter before the model is touched)."""
+        raise NotImplementedError

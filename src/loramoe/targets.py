@@ -1,0 +1,77 @@
+"""Which modules of a model an adapter wraps: defaults per architecture family, user overrides."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from loramoe.adapters.base import SUPPORTED_BASE_LAYERS, AdapterLayer
+
+_LLAMA_MLP = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    **{t: _LLAMA_MLP for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                               "olmo", "olmo2", "granite", "smollm3", "cohere", "starcoder2")},
+    "phi3": ["mlp.gate_up_proj", "mlp.down_proj"],
+    "gpt2": ["mlp.c_fc", "mlp.c_proj"],  # Conv1D; the attention block has a c_proj too
+    "gpt_neox": ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
+    "phi": ["mlp.fc1", "mlp.fc2"],
+    "gptj": ["mlp.fc_in", "mlp.fc_out"],
+    "falcon": ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
+    "bloom": ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
+    "opt": ["fc1", "fc2"],
+}
+"""The feed-forward projections of each family, as LoRAMoE places its experts (METHOD.md s. 1)."""
+
+
+class TargetError(ValueError):
+    """No module, or an unsupported module, matched the requested targets."""
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Distinct last-two-component names of the model's linear layers, for error messages."""
+    names = {".".join(n.split(".")[-2:]) for n, m in model.named_modules()
+             if isinstance(m, SUPPORTED_BASE_LAYERS)}
+    return sorted(names)
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    known = sorted({name for names in DEFAULT_TARGETS.values() for name in names})
+    return [n for n in known if any(_name_matches(path, n) for path, _ in model.named_modules())]
+
+
+def _name_matches(path: str, name: str) -> bool:
+    return path == name or path.endswith("." + name)
+
+
+def find_targets(model: nn.Module, target_modules: list[str] | str | None) -> list[str]:
+    """Paths of the modules to wrap, in model order. A list matches a path or its trailing
+    components; a string is a regex matched against the whole path. Raises TargetError when
+    nothing matches, or when a match is not a linear layer."""
+    targets = default_targets(model) if target_modules is None else target_modules
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        matches = lambda path: pattern.fullmatch(path) is not None  # noqa: E731
+    else:
+        matches = lambda path: any(_name_matches(path, t) for t in targets)  # noqa: E731
+    found = []
+    for path, module in model.named_modules():
+        if not path or not matches(path) or ".base_layer" in path:
+            continue
+        if isinstance(module, AdapterLayer):
+            raise TargetError(f"module '{path}' already has an adapter; detach() it first")
+        if not isinstance(module, SUPPORTED_BASE_LAYERS):
+            raise TargetError(f"target '{path}' is a {type(module).__name__}; adapters wrap "
+                              "nn.Linear or Conv1D layers only")
+        found.append(path)
+    if not found:
+        model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
+        raise TargetError(
+            f"no module of this {model_type} model matches target_modules={targets!r}. "
+            f"Its linear layers are: {', '.join(linear_layer_names(model)) or 'none'}. "
+            "Pass target_modules with some of these names, or a regex over module paths.")
+    return found

@@ -1,0 +1,57 @@
+"""The production LoRAMoE maths equals the plain loop over experts, in outputs and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramoe.functional import lora_delta, lora_delta_weight, loramoe_delta, router_gates
+from tests.reference import loramoe_delta_loop
+
+
+def _random_loramoe(e=6, r=4, d_in=24, d_out=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 5, d_in, generator=g)
+    router = torch.randn(e, d_in, generator=g)
+    a = torch.randn(e, r, d_in, generator=g) / d_in**0.5
+    b = torch.randn(e, d_out, r, generator=g) / r**0.5  # outputs of order 1, as in a model
+    return x, router, a, b
+
+
+@pytest.mark.parametrize("e,r", [(1, 1), (2, 8), (6, 4), (16, 16)])
+def test_concatenated_form_equals_loop_reference(e, r):
+    x, router, a, b = _random_loramoe(e=e, r=r)
+    leaves = [t.clone().requires_grad_(True) for t in (x, router, a, b)]
+    leaves_ref = [t.clone().requires_grad_(True) for t in (x, router, a, b)]
+    out = loramoe_delta(leaves[0], router_gates(leaves[0], leaves[1]), leaves[2], leaves[3], scale=8.0)
+    ref = loramoe_delta_loop(*leaves_ref, scale=8.0)
+    assert (out - ref).abs().max() <= 1e-5
+    upstream = torch.randn_like(out)  # a loss that averages over tokens and features, as LM losses do
+    (out * upstream).mean().backward()
+    (ref * upstream).mean().backward()
+    for name, got, want in zip(["x", "router", "lora_A", "lora_B"], leaves, leaves_ref):
+        assert (got.grad - want.grad).abs().max() <= 1e-5, name
+
+
+def test_router_softmax_is_float32_for_half_inputs():
+    x, router, a, b = _random_loramoe()
+    gates = router_gates(x.bfloat16(), router)
+    assert gates.dtype == torch.float32
+    assert torch.allclose(gates.sum(-1), torch.ones(3, 5))
+    out = loramoe_delta(x.bfloat16(), gates, a.bfloat16(), b.bfloat16(), 8.0)
+    assert out.dtype == torch.bfloat16
+
+
+def test_dropout_applies_only_in_training():
+    x, router, a, b = _random_loramoe()
+    gates = router_gates(x, router)
+    torch.manual_seed(0)
+    eval_out = loramoe_delta(x, gates, a, b, 8.0, dropout=0.5, training=False)
+    assert torch.equal(eval_out, loramoe_delta(x, gates, a, b, 8.0))
+    assert not torch.allclose(loramoe_delta(x, gates, a, b, 8.0, dropout=0.5, training=True), eval_out)
+
+
+def test_lora_delta_equals_dense_update():
+    g = torch.Generator().manual_seed(0)
+    x, a, b = torch.randn(4, 10, generator=g), torch.randn(3, 10, generator=g), torch.randn(7, 3, generator=g)
+    assert torch.allclose(lora_delta(x, a, b, 2.0), x @ lora_delta_weight(a, b, 2.0).T, atol=1e-5)
