@@ -62,6 +62,16 @@ def test_identity_at_init(arch, kind):
     assert torch.equal(_logits(model, batch), before)
 
 
+def test_attach_keeps_the_training_mode(kind):
+    model = BUILDERS["llama"]()  # built in eval mode
+    loramoe.attach(model, CASES[kind])
+    assert not any(m.training for m in model.modules())
+    model.train()
+    loramoe.detach(model)
+    loramoe.attach(model, CASES[kind])
+    assert all(m.training for m in model.modules())
+
+
 def test_only_adapter_parameters_change_after_a_step(arch, kind):
     model, batch = BUILDERS[arch](), random_batch()
     base_before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -52,7 +52,8 @@ def attach_paths(model: M, config: AdapterConfig, paths: list[str]) -> M:
     model.requires_grad_(False)
     for path in paths:
         parent, name = _parent(model, path)
-        setattr(parent, name, layer_class(getattr(parent, name), config))
+        base = getattr(parent, name)
+        setattr(parent, name, layer_class(base, config).train(base.training))  # keep eval mode (dropout off)
     setattr(model, _CONFIG_ATTR, config)
     return model
 

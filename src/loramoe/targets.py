@@ -70,8 +70,11 @@ def find_targets(model: nn.Module, target_modules: list[str] | str | None) -> li
         found.append(path)
     if not found:
         model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
+        what = (f"target_modules={target_modules!r} matches no module of this {model_type} model"
+                if target_modules is not None else
+                f"no default feed-forward targets are known for model type '{model_type}'")
         raise TargetError(
-            f"no module of this {model_type} model matches target_modules={targets!r}. "
+            f"{what}. "
             f"Its linear layers are: {', '.join(linear_layer_names(model)) or 'none'}. "
             "Pass target_modules with some of these names, or a regex over module paths.")
     return found

@@ -1,0 +1,59 @@
+"""End to end on the real embedded SmolLM2-135M (converted from its GGUF once per cache dir).
+CI runs these; `pytest -m "not realmodel"` skips them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import loramoe
+from loramoe import LoraMoEConfig, models
+from loramoe.demo import run_demo
+
+pytestmark = pytest.mark.realmodel
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return models.load("smollm2-135m")
+
+
+def _greedy(model, tokenizer, text, n=4):
+    batch = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, batch["input_ids"].shape[1]:])
+
+
+def test_converted_model_knows_a_fact(smollm):
+    model, tokenizer = smollm
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert _greedy(model, tokenizer, "The capital of France is").startswith(" Paris")
+
+
+def test_attach_step_save_load_generate(smollm, tmp_path):
+    model, tokenizer = smollm
+    loramoe.attach(model, LoraMoEConfig())
+    try:
+        assert _greedy(model, tokenizer, "The capital of France is").startswith(" Paris")  # identity at init
+        batch = tokenizer(["The capital of France is Paris."], return_tensors="pt")
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        optimizer.step()
+        model.eval()
+        assert any(layer.lora_B.abs().sum() > 0 for _, layer in loramoe.adapter_layers(model))
+        loramoe.save_adapter(model, tmp_path)
+        fresh, _ = models.load("smollm2-135m")
+        loramoe.load_adapter(fresh, tmp_path)
+        with torch.no_grad():
+            assert torch.equal(fresh(**batch).logits, model(**batch).logits)
+        assert _greedy(fresh, tokenizer, "The capital of Italy is", 6) == _greedy(model, tokenizer, "The capital of Italy is", 6)
+    finally:
+        loramoe.detach(model)
+
+
+def test_demo_runs_and_checks_its_round_trip(tmp_path):
+    result = run_demo(steps=3, output=tmp_path)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert len(result["adapted"]) == 2 and abs(sum(result["expert_share"]) - 1) < 1e-6
