@@ -185,6 +185,17 @@ def test_loramoe_layer_equals_loop_reference_in_a_model():
 def test_loramoe_default_config_is_the_papers():
     config = LoraMoEConfig()
     assert (config.num_experts, config.r, config.alpha, config.dropout) == (6, 4, 32.0, 0.05)
+    assert config.groups == {"knowledge": 3, "task": 3} and config.expert_groups() == [0, 0, 0, 1, 1, 1]
+    assert (config.balance_delta, config.balance_weight) == (0.1, 0.1)
+
+
+def test_loramoe_groups_set_the_expert_count():
+    assert LoraMoEConfig(groups={"knowledge": 1, "task": 3, "code": 2}).num_experts == 6
+    assert LoraMoEConfig(num_experts=4).expert_groups() == [-1] * 4
+    with pytest.raises(ValueError, match="num_experts is 4 but groups"):
+        LoraMoEConfig(num_experts=4, groups={"a": 3, "b": 3})
+    with pytest.raises(ValueError, match="positive expert count"):
+        LoraMoEConfig(groups={"a": 0})
 
 
 def test_loramoe_reference_initialisation():

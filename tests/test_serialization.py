@@ -33,7 +33,8 @@ def test_loramoe_file_layout(saved_loramoe):
     document = json.loads((saved_loramoe / CONFIG_NAME).read_text())
     assert document["method"] == "loramoe" and document["loramoe_version"]
     assert document["config"] == {"target_modules": None, "dropout": 0.05, "dtype": None,
-                                  "num_experts": 4, "r": 2, "alpha": 32.0}
+                                  "num_experts": 4, "groups": None, "r": 2, "alpha": 32.0,
+                                  "balance_delta": 0.1, "balance_weight": 0.1}
     assert document["base_model"]["hidden_size"] == 32 and document["base_model"]["model_type"] == "llama"
     tensors = load_file(saved_loramoe / WEIGHTS_NAME)
     assert tensors["model.layers.0.mlp.down_proj.router.weight"].shape == (4, 48)

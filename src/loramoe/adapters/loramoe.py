@@ -30,8 +30,14 @@ class LoraMoEConfig(AdapterConfig):
 
     method: ClassVar[str] = "loramoe"
 
-    num_experts: int = 6
-    """Experts per adapted projection."""
+    num_experts: int | None = None
+    """Experts per adapted projection. None: the sum of ``groups``."""
+
+    groups: dict[str, int] | None = None
+    """Expert groups for the localized balancing constraint, by the sample type each serves, in
+    expert order: ``{"knowledge": 3, "task": 3}`` makes experts 0-2 the knowledge group. None with
+    ``num_experts`` None: the paper's two groups of 3; None with ``num_experts`` set: one pool
+    without groups, where the constraint is plain importance balancing."""
 
     r: int = 4
     """Rank of each expert."""
@@ -42,16 +48,43 @@ class LoraMoEConfig(AdapterConfig):
     dropout: float = 0.05
     """Dropout on the experts' input (one mask shared by all experts); the router sees x unchanged."""
 
+    balance_delta: float = 0.1
+    """delta of the balancing constraint: an expert's importance for a sample of its own group's
+    type is weighted 1 + delta, for other typed samples 1 - delta."""
+
+    balance_weight: float = 0.1
+    """beta: weight of the balancing constraint (summed over LoRAMoE layers) in the training loss;
+    0 turns it off."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.groups is None and self.num_experts is None:
+            self.groups = {"knowledge": 3, "task": 3}
+        if self.groups is not None:
+            if not self.groups or any(not isinstance(n, int) or n < 1 for n in self.groups.values()):
+                raise ValueError(f"groups must map each sample type to a positive expert count, got {self.groups}")
+            total = sum(self.groups.values())
+            if self.num_experts is not None and self.num_experts != total:
+                raise ValueError(f"num_experts is {self.num_experts} but groups {self.groups} hold {total} experts")
+            self.num_experts = total
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if not 0.0 <= self.balance_delta < 1.0:
+            raise ValueError(f"balance_delta must be in [0, 1), got {self.balance_delta}")
+        if self.balance_weight < 0:
+            raise ValueError(f"balance_weight must be >= 0, got {self.balance_weight}")
         if self.r < 1:
             raise ValueError(f"r must be >= 1, got {self.r}")
 
     @property
     def scale(self) -> float:
         return self.alpha / self.r
+
+    def expert_groups(self) -> list[int]:
+        """For each expert, the index of its group in ``groups`` (-1 for all without groups)."""
+        if self.groups is None:
+            return [-1] * self.num_experts
+        return [g for g, size in enumerate(self.groups.values()) for _ in range(size)]
 
 
 class LoraMoELinear(AdapterLayer):

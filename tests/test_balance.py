@@ -1,0 +1,69 @@
+"""The balancing constraint against hand-computed values and the reference code's 2-group form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramoe.balance import UNTYPED, balance_coefficients, balancing_loss, cv_squared, group_shares
+
+
+def test_hand_computed_two_experts_two_samples():
+    # Q[n, m]: expert 0 got 3 from sample 0 and 1 from sample 1; expert 1 got 1 and 3
+    importance = torch.tensor([[3.0, 1.0], [1.0, 3.0]])  # (M, E)
+    types = torch.tensor([0, 1])
+    groups = torch.tensor([0, 1])
+    # Z = [[3*1.5, 1*0.5], [1*0.5, 3*1.5]] = [4.5, 0.5, 0.5, 4.5]: mean 2.5, unbiased var 16/3*... by hand:
+    # deviations +-2 -> sum of squares 16, / (4 - 1) = 16/3; cv^2 = (16/3) / 6.25
+    loss = balancing_loss(importance, types, groups, delta=0.5)
+    assert loss.item() == pytest.approx((16 / 3) / 6.25, rel=1e-6)
+
+
+def test_untyped_samples_weight_every_expert_one():
+    coeff = balance_coefficients(torch.tensor([0, UNTYPED, 7]), torch.tensor([0, 0, 1]), delta=0.1)
+    assert torch.allclose(coeff, torch.tensor([[1.1, 1.0, 1.0], [1.1, 1.0, 1.0], [0.9, 1.0, 1.0]]))
+
+
+def test_unequal_groups():
+    importance = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # 2 samples, 3 experts
+    groups = torch.tensor([0, 1, 1])  # group 0 has one expert, group 1 two
+    types = torch.tensor([1, 0])
+    z = torch.tensor([[1 * 0.8, 4 * 1.2], [2 * 1.2, 5 * 0.8], [3 * 1.2, 6 * 0.8]])
+    want = z.var() / z.mean() ** 2
+    assert balancing_loss(importance, types, groups, 0.2).item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def _reference_two_groups(route_weight_sum: torch.Tensor, task_types: torch.Tensor, num_experts: int,
+                          alpha: float) -> torch.Tensor:
+    """The reference code's formula, restated: type 1 samples favour the first half of the experts,
+    type 0 samples the second half; cv^2 with an epsilon on mean^2."""
+    t = task_types.view(-1, 1)
+    favoured = torch.cat([(t == 1).repeat(1, num_experts // 2), (t == 0).repeat(1, num_experts // 2)], dim=-1)
+    z = (route_weight_sum * torch.where(favoured, 1.0 + alpha, 1.0 - alpha)).flatten()
+    return z.float().var() / (z.float().mean() ** 2 + 1e-10)
+
+
+def test_matches_the_reference_code_for_two_equal_groups():
+    torch.manual_seed(0)
+    importance = torch.rand(8, 6) * 10  # (M, E)
+    ref_types = torch.randint(0, 2, (8,))  # reference: 1 = world knowledge
+    # ours: groups {"knowledge": 3, "task": 3} -> experts 0-2 are group 0 (knowledge)
+    ours = balancing_loss(importance, torch.where(ref_types == 1, 0, 1), torch.tensor([0, 0, 0, 1, 1, 1]), 0.1)
+    assert ours.item() == pytest.approx(_reference_two_groups(importance, ref_types, 6, 0.1).item(), rel=1e-6)
+
+
+def test_balanced_importance_gives_zero_and_gradients_flow():
+    q = torch.full((4, 6), 2.0, requires_grad=True)
+    loss = balancing_loss(q, torch.full((4,), UNTYPED), torch.zeros(6, dtype=torch.long), 0.1)
+    assert loss.item() == pytest.approx(0.0, abs=1e-12)
+    q2 = torch.rand(4, 6, requires_grad=True)
+    balancing_loss(q2, torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 0, 1, 1, 1]), 0.1).backward()
+    assert q2.grad.abs().sum() > 0
+    assert cv_squared(torch.tensor([5.0])).item() == 0.0
+
+
+def test_group_shares_per_type():
+    importance = torch.tensor([[3.0, 1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 1.0, 2.0]])
+    shares = group_shares(importance, torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1]), num_groups=2)
+    assert torch.allclose(shares[0], torch.tensor([1.0, 0.0]))
+    assert torch.allclose(shares[1], torch.tensor([3 / 6, 3 / 6]))
