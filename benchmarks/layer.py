@@ -77,7 +77,8 @@ def with_loop_loramoe(model: nn.Sequential, args: argparse.Namespace) -> nn.Sequ
     for block in model:
         for name in PROJECTIONS:
             base = getattr(block.mlp, name)
-            setattr(block.mlp, name, LoopLoraMoELinear(base, args.experts, args.rank, args.alpha, args.dropout))
+            adapted = LoopLoraMoELinear(base, args.experts, args.rank, args.alpha, args.dropout)
+            setattr(block.mlp, name, adapted)
     return model
 
 
@@ -145,7 +146,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=4, help="rank per expert; LoRA gets experts * rank")
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--dropout", type=float, default=0.05, help="adapter input dropout (paper: 0.05)")
-    p.add_argument("--steps", type=int, default=20, help="timed rounds (one step of every variant each)")
+    p.add_argument("--steps", type=int, default=15, help="timed rounds (one step of every variant each)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args()
@@ -174,9 +175,10 @@ def main() -> None:
         machine = {"platform": platform.platform(), "processor": platform.processor(),
                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                    "torch": torch.__version__, "python": platform.python_version()}
-        result = {"machine": machine, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                  "median_ms": median_ms, "ratio_to_frozen": {n: ms / frozen_ms for n, ms in median_ms.items()},
-                  "times_ms": {n: [1000 * s for s in t] for n, t in times.items()}}
+        result = {"machine": machine, "args": {k: v for k, v in vars(args).items() if k != "json"},
+                  "median_ms": median_ms,
+                  "ratio_to_frozen": {name: ms / frozen_ms for name, ms in median_ms.items()},
+                  "times_ms": {name: [1000 * s for s in t] for name, t in times.items()}}
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 

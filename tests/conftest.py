@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -35,3 +36,23 @@ def random_batch(batch: int = 3, seq: int = 7, vocab: int = 97, seed: int = 1) -
     mask = torch.ones(batch, seq, dtype=torch.long)
     mask[0, :2] = 0  # left padding on the first sample
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def tiny_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the words w0..w95 (id = number) and [UNK] (96); w1 is EOS."""
+    vocab = {f"w{i}": i for i in range(96)}
+    vocab["[UNK]"] = 96
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="w1", pad_token="w0")
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def save_tiny(folder, builder=tiny_llama):
+    """A tiny model and its tokenizer saved as a local model folder, as a hub download would be."""
+    model = builder()
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return model

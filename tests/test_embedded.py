@@ -57,3 +57,16 @@ def test_demo_runs_and_checks_its_round_trip(tmp_path):
     result = run_demo(steps=3, output=tmp_path)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert len(result["adapted"]) == 2 and abs(sum(result["expert_share"]) - 1) < 1e-6
+
+
+def test_train_on_the_embedded_model_with_the_builtin_typed_data(tmp_path):
+    from loramoe.demo import EXAMPLES
+    from loramoe.train import train
+
+    summary = train(data=[str(EXAMPLES)], model="smollm2-135m", output=tmp_path, max_steps=2, batch_size=4,
+                    max_length=128, lr=1e-3, logging_steps=1, save_steps=2, require_types=True)
+    assert summary["steps"] == 2 and summary["records"] == 24
+    assert summary["final_lbc_loss"] is not None and summary["trainable_parameters"] == 5_045_760
+    model, _ = models.load("smollm2-135m")
+    loramoe.load_adapter(model, tmp_path)
+    assert loramoe.adapter_config(model).groups == {"knowledge": 3, "task": 3}

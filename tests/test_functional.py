@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramoe.functional import lora_delta, lora_delta_weight, loramoe_delta, router_gates
+from loramoe.functional import (add_loramoe, dropout_keep_mask, lora_delta, lora_delta_weight, loramoe_delta,
+                                router_gates)
 from tests.reference import loramoe_delta_loop
 
 
@@ -55,3 +56,60 @@ def test_lora_delta_equals_dense_update():
     g = torch.Generator().manual_seed(0)
     x, a, b = torch.randn(4, 10, generator=g), torch.randn(3, 10, generator=g), torch.randn(7, 3, generator=g)
     assert torch.allclose(lora_delta(x, a, b, 2.0), x @ lora_delta_weight(a, b, 2.0).T, atol=1e-5)
+
+
+def _fused_vs_reference(e, r, dropout=0.0, dtype=torch.float32, rel=0.0, tol=1e-5):
+    x, router, a, b = _random_loramoe(e=e, r=r)
+    base_w = torch.randn(b.shape[1], x.shape[-1], generator=torch.Generator().manual_seed(5)) / x.shape[-1] ** 0.5
+    leaves = [t.clone().to(dtype).requires_grad_(True) for t in (x, router, a, b)]
+    ref_leaves = [t.clone().to(dtype).requires_grad_(True) for t in (x, router, a, b)]
+    torch.manual_seed(7)
+    keep = dropout_keep_mask(x.shape, dropout, x.device)
+    torch.manual_seed(7)  # add_loramoe draws the same mask: one for all experts
+    xs, rw, aa, bb = leaves
+    out = add_loramoe(xs @ base_w.to(dtype).T, xs, router_gates(xs, rw), aa, bb, scale=8.0,
+                      dropout=dropout, training=dropout > 0)
+    xr, rr, ar, br = ref_leaves
+    dropped = xr * keep / (1 - dropout)
+    gates = router_gates(xr, rr)  # the router sees x without dropout
+    ref = xr @ base_w.to(dtype).T + sum(gates[..., i:i + 1].to(dtype) * (dropped @ ar[i].T @ br[i].T) * 8.0
+                                         for i in range(e))
+
+    def close(got, want):
+        return (got.float() - want.float()).abs().max() <= tol + rel * want.float().abs().max()
+
+    assert close(out, ref)
+    upstream = torch.randn_like(out)
+    (out * upstream).mean().backward()
+    (ref * upstream).mean().backward()
+    for name, got, want in zip(["x", "router", "lora_A", "lora_B"], leaves, ref_leaves):
+        assert close(got.grad, want.grad), name
+
+
+@pytest.mark.parametrize("e,r", [(1, 1), (6, 4), (16, 16)])
+def test_fused_inplace_op_equals_loop_reference(e, r):
+    _fused_vs_reference(e, r)
+    x, router, a, b = _random_loramoe(e=e, r=r)
+    fused = add_loramoe(torch.zeros(3, 5, b.shape[1]), x, router_gates(x, router), a, b, 8.0)
+    assert (fused - loramoe_delta_loop(x, router, a, b, 8.0)).abs().max() <= 1e-5
+
+
+def test_fused_op_with_dropout_uses_one_mask_for_all_experts():
+    _fused_vs_reference(6, 4, dropout=0.25)
+
+
+def test_fused_op_in_bfloat16():
+    _fused_vs_reference(6, 4, dtype=torch.bfloat16, rel=0.02, tol=0.0)  # a few bf16 ulps
+
+
+def test_keep_mask_rate_reproducibility_and_independence():
+    torch.manual_seed(0)
+    mask = dropout_keep_mask((512, 1024), 0.05, torch.device("cpu"))
+    torch.manual_seed(0)
+    assert torch.equal(mask, dropout_keep_mask((512, 1024), 0.05, torch.device("cpu")))
+    assert mask.dtype == torch.bool and abs((~mask).float().mean().item() - 0.05) < 0.002
+    lanes = (~mask).view(-1, 4).float()  # the four 16-bit lanes of each random word
+    assert all(abs(lanes[:, i].mean().item() - 0.05) < 0.003 for i in range(4))
+    both = (lanes[:, 0] * lanes[:, 1]).mean().item()
+    assert abs(both - 0.05 ** 2) < 0.001  # lanes are independent
+    assert dropout_keep_mask((7,), 0.0, torch.device("cpu")).all()

@@ -5,29 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
-from tokenizers import Tokenizer, models, pre_tokenizers
-
 from loramoe import models as loramoe_models
-from tests.conftest import tiny_llama
-
-
-def _save_tiny(folder):
-    model = tiny_llama()
-    vocab = {f"w{i}": i for i in range(97)}
-    vocab["[UNK]"] = 96
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="w1")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model
+from tests.conftest import save_tiny
 
 
 def test_load_a_local_folder(tmp_path):
-    original = _save_tiny(tmp_path)
+    original = save_tiny(tmp_path)
     model, tokenizer = loramoe_models.load(str(tmp_path))
-    assert tokenizer.pad_token == "w1"  # falls back to EOS so batches can be padded
+    assert tokenizer.pad_token == "w0"
     ids = torch.tensor([[3, 4, 5]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, original(ids).logits)
@@ -35,7 +20,7 @@ def test_load_a_local_folder(tmp_path):
 
 
 def test_load_passes_trust_remote_code_only_when_asked(tmp_path, monkeypatch):
-    _save_tiny(tmp_path)
+    save_tiny(tmp_path)
     seen = []
     real = loramoe_models.AutoModelForCausalLM.from_pretrained
     monkeypatch.setattr(loramoe_models.AutoModelForCausalLM, "from_pretrained",
@@ -70,7 +55,7 @@ def test_conversion_is_atomic_and_done_once(tmp_path, monkeypatch):
 
     def working(gguf_path, out, name):
         calls.append("convert")
-        _save_tiny(out)
+        save_tiny(out)
 
     monkeypatch.setattr(loramoe_models, "_convert_gguf", working)
     first = loramoe_models.embedded_model_dir("smollm2-135m")

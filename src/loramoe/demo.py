@@ -13,61 +13,40 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import PreTrainedTokenizerBase, TrainingArguments
 
 from loramoe import models
 from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import attach, disabled_adapters, trainable_parameters
+from loramoe.data import DataCollator, encode_prompt, read_records, tokenize_records
 from loramoe.routing import capture_routing
 from loramoe.serialization import load_adapter, save_adapter
+from loramoe.trainer import LoraMoETrainer
 
-EXAMPLES: list[tuple[str, str]] = [
-    ("Translate to French: good morning", "bonjour"),
-    ("Translate to French: thank you very much", "merci beaucoup"),
-    ("Translate to French: the red house", "la maison rouge"),
-    ("Translate to French: see you tomorrow", "à demain"),
-    ("Summarise in three words: The Nile is a major north-flowing river in northeastern Africa.",
-     "African river Nile"),
-    ("Summarise in three words: Mount Everest is Earth's highest mountain above sea level.",
-     "Earth's highest mountain"),
-    ("What is the capital of Portugal? Answer in one word.", "Lisbon"),
-    ("What is the capital of Kenya? Answer in one word.", "Nairobi"),
-]
-"""A handful of built-in instruction examples (translation, summarisation, closed-book QA)."""
+EXAMPLES = Path(__file__).parent / "examples" / "mini_instructions.jsonl"
+"""24 built-in typed instruction examples: closed-book QA (``knowledge``), translation,
+summarisation and classification (``task``)."""
 
-PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
-"""Prompt format for tokenizers without a chat template."""
-
-PROMPTS = ["Translate to French: the green tree", "What is the capital of Peru? Answer in one word."]
+PROMPTS = ["Translate to French.\n\nthe green tree", "What is the capital of Peru?"]
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str | None = None) -> dict[str, list[int]]:
-    """Token ids of a chat-formatted example; the loss (``labels``) covers the response only."""
-    if tokenizer.chat_template:
-        messages = [{"role": "user", "content": prompt}]
-        prompt_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                        tokenize=True)["input_ids"])
-    else:
-        prompt_ids = tokenizer(PLAIN_TEMPLATE.format(prompt=prompt))["input_ids"]
-    if response is None:
-        return {"input_ids": prompt_ids, "attention_mask": [1] * len(prompt_ids)}
-    response_ids = tokenizer(response + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-    return {"input_ids": prompt_ids + response_ids, "attention_mask": [1] * (len(prompt_ids) + len(response_ids)),
-            "labels": [-100] * len(prompt_ids) + response_ids}
+def _prompt_batch(tokenizer: PreTrainedTokenizerBase, prompts: list[str]):
+    ids = [encode_prompt([{"role": "user", "content": p}], tokenizer) for p in prompts]
+    return tokenizer.pad({"input_ids": ids}, return_tensors="pt")
 
 
 def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     tokenizer.padding_side = "left"
-    batch = tokenizer.pad([_encode(tokenizer, p) for p in prompts], return_tensors="pt").to(model.device)
+    batch = _prompt_batch(tokenizer, prompts).to(model.device)
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
     return [tokenizer.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
 
 
-def run_demo(model: str = "smollm2-135m", steps: int = 10, lr: float = 1e-3, batch_size: int = 4,
+def run_demo(model: str = "smollm2-135m", steps: int = 12, lr: float = 3e-4, batch_size: int = 4,
              output: Path = Path("runs/demo"), max_new_tokens: int = 16, seed: int = 0) -> dict[str, Any]:
-    """Attach LoRAMoE to a model, train a few steps on built-in examples, save, reload and generate.
+    """Attach LoRAMoE to a model, train a few steps on built-in typed examples, save, reload and generate.
 
     Args:
         model: embedded model name (``smollm2-135m``), local folder or Hugging Face hub id.
@@ -82,26 +61,28 @@ def run_demo(model: str = "smollm2-135m", steps: int = 10, lr: float = 1e-3, bat
     start = time.time()
     base, tokenizer = models.load(model)
     print(f"loaded {model} in {time.time() - start:.1f} s")
-    attach(base, LoraMoEConfig())
+    config = LoraMoEConfig()  # the paper's 2 groups of 3 experts: knowledge and task
+    attach(base, config)
     print(trainable_parameters(base))
 
-    data = [_encode(tokenizer, p, r) for p, r in EXAMPLES]
-    tokenizer.padding_side = "right"
+    records, _ = read_records([EXAMPLES])
+    data = tokenize_records(records, tokenizer, max_length=256,
+                            type_ids={name: i for i, name in enumerate(config.groups)})
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(output_dir=scratch, max_steps=steps, per_device_train_batch_size=batch_size,
                                  learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10),
                                  logging_steps=max(1, steps // 4), save_strategy="no", report_to=[], seed=seed,
-                                 use_cpu=not torch.cuda.is_available(), disable_tqdm=False)
-        trainer = Trainer(model=base, args=args, train_dataset=data,
-                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+                                 use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
+        trainer = LoraMoETrainer(model=base, args=args, train_dataset=data,
+                          data_collator=DataCollator(tokenizer))
         result = trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    losses = [entry["lm_loss"] for entry in trainer.state.log_history if "lm_loss" in entry]
     base.eval()
 
     adapter_dir = save_adapter(base, Path(output) / "adapter")
     reloaded, _ = models.load(model)
     load_adapter(reloaded, adapter_dir)
-    probe = tokenizer.pad([_encode(tokenizer, p) for p in PROMPTS], return_tensors="pt")
+    probe = _prompt_batch(tokenizer, PROMPTS)
     with torch.no_grad():
         drift = (base(**probe).logits - reloaded(**probe).logits).abs().max().item()
     if drift != 0.0:
@@ -118,7 +99,7 @@ def run_demo(model: str = "smollm2-135m", steps: int = 10, lr: float = 1e-3, bat
           f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     print(f"adapter saved to {adapter_dir}; reloaded into a fresh model: identical logits")
     for prompt, b, a in zip(PROMPTS, before, after):
-        print(f"\n> {prompt}\n  base:    {b!r}\n  adapted: {a!r}")
+        print(f"\n> {prompt!r}\n  base:    {b!r}\n  adapted: {a!r}")
     print("\ngate mass per expert while generating (all layers): "
           + " ".join(f"{s:.3f}" for s in share))
     return {"adapter": str(adapter_dir), "losses": losses, "base": before, "adapted": after,

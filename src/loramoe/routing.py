@@ -4,16 +4,15 @@ Usage::
 
     with capture_routing(model) as routing:          # per-sample sums over non-padding tokens
         model(input_ids=ids, attention_mask=mask)
-    routing.layers["model.layers.0.mlp.gate_proj"]   # list of (batch, E) float32 tensors, one per forward
+    routing.layers["model.layers.0.mlp.gate_proj"]   # list of (batch, E) float32 sums, one per forward
     routing.token_counts                             # list of (batch,) non-padding token counts
-
-    with capture_routing(model, per_token=True) as routing:
-        ...                                          # (batch, seq, E) gates per forward; .masks holds the masks
+    routing.gates, routing.masks                     # the (batch, seq, E) gates and the masks themselves
 
 While no capture is active each LoRAMoE layer only tests one attribute for None, so the forward is
 not slowed. The attention mask is read by a forward pre-hook on the model; with a KV cache the
 mask covers past tokens too and its last ``seq`` columns are used. Forwards recomputed during
-backward (gradient checkpointing) are not recorded again. ``keep_graph=True`` keeps the gates
+backward (gradient checkpointing) are not recorded again, and the hook only keeps references during
+the forward (sums are taken on access), so a checkpointed region saves the same tensors each time. ``keep_graph=True`` keeps the gates
 attached to the autograd graph, for losses over them (the balancing constraint).
 """
 
@@ -32,12 +31,26 @@ from loramoe.adapters import LoraMoELinear
 @dataclass
 class RoutingRecord:
     per_token: bool
-    layers: dict[str, list[Tensor]] = field(default_factory=dict)
-    """Per LoRAMoE layer path, one tensor per forward: (batch, E) sums, or (batch, seq, E) gates."""
-    token_counts: list[Tensor] = field(default_factory=list)
-    """Per forward, the (batch,) count of non-padding tokens the sums cover."""
+    gates: dict[str, list[Tensor]] = field(default_factory=dict)
+    """Per LoRAMoE layer path, one (batch, seq, E) float32 gate tensor per forward."""
     masks: list[Tensor | None] = field(default_factory=list)
     """Per forward, the (batch, seq) attention mask of the new tokens, or None when none was given."""
+
+    @property
+    def layers(self) -> dict[str, list[Tensor]]:
+        """Per layer, one tensor per forward: the (batch, E) gate sums over non-padding tokens, or
+        with ``per_token`` the (batch, seq, E) gates. Sums are taken here, after the forward, so
+        nothing extra is recorded inside a checkpointed region."""
+        if self.per_token:
+            return self.gates
+        return {path: [g.sum(-2) if m is None else (g * m.unsqueeze(-1)).sum(-2) for g, m in zip(values, self.masks)]
+                for path, values in self.gates.items()}
+
+    @property
+    def token_counts(self) -> list[Tensor]:
+        """Per forward, the (batch,) count of non-padding tokens the sums cover."""
+        first = next(iter(self.gates.values()), [])
+        return [g.new_full(g.shape[:1], g.shape[1]) if m is None else m.sum(-1) for g, m in zip(first, self.masks)]
 
     def sample_gates(self) -> dict[str, Tensor]:
         """Per layer, all forwards' per-sample gate sums concatenated: (samples, E)."""
@@ -46,8 +59,7 @@ class RoutingRecord:
         return {path: torch.cat(values) for path, values in self.layers.items()}
 
     def clear(self) -> None:
-        self.layers.clear()
-        self.token_counts.clear()
+        self.gates.clear()
         self.masks.clear()
 
 
@@ -86,19 +98,11 @@ def capture_routing(model: nn.Module, *, per_token: bool = False,
                 gates = gates.detach()
             if gates.dim() == 2:  # (tokens, E) without a batch dimension: one sample
                 gates = gates.unsqueeze(0)
-            mask = state["mask"]
-            seq = gates.shape[-2]
-            mask = None if mask is None else mask[:, -seq:].to(gates.dtype)  # (batch, seq)
-            if state["new_forward"] or not record.token_counts:
+            if state["new_forward"] or not record.masks:
                 state["new_forward"] = False
-                record.masks.append(mask)
-                record.token_counts.append(
-                    mask.sum(-1) if mask is not None else gates.new_full(gates.shape[:1], seq))
-            if per_token:
-                record.layers.setdefault(path, []).append(gates)
-            else:
-                weighted = gates if mask is None else gates * mask.unsqueeze(-1)  # (batch, seq, E)
-                record.layers.setdefault(path, []).append(weighted.sum(-2))
+                mask = state["mask"]
+                record.masks.append(None if mask is None else mask[:, -gates.shape[-2]:].to(gates.dtype))
+            record.gates.setdefault(path, []).append(gates)
         return hook
 
     handle = model.register_forward_pre_hook(read_mask, with_kwargs=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 from loramoe.adapters import LAYER_CLASSES, AdapterConfig, LoraConfig
 from loramoe.adapters.base import SUPPORTED_BASE_LAYERS, layer_shape
 from loramoe.attach import adapter_config, adapter_layers, attach_paths
+from loramoe.fileio import atomic_write, atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -55,17 +55,6 @@ def _base_model_info(model: nn.Module) -> dict[str, Any]:
     return info
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the attached adapter to ``directory`` (created if needed). Each file is replaced
     atomically, so an interrupted save never leaves a half-written file behind."""
@@ -89,9 +78,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
                     "use_rslora": False, "inference_mode": True, "loramoe": block}
     else:
         document = block
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME,
-                  lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2) + "\n"))
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write_text(out / CONFIG_NAME, json.dumps(document, indent=2) + "\n")
     return out
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from loramoe.adapters.base import AdapterConfig, AdapterLayer, MergeError
-from loramoe.functional import loramoe_delta, router_gates
+from loramoe.functional import add_loramoe, loramoe_delta, router_gates
 
 RoutingHook = Callable[["LoraMoELinear", Tensor], None]
 
@@ -115,12 +115,21 @@ class LoraMoELinear(AdapterLayer):
     def num_experts(self) -> int:
         return self.lora_A.shape[0]
 
-    def adapter_delta(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        if self.merged or self.disabled:
+            return out
         gates = router_gates(x, self.router.weight)  # (..., E) float32
         if self.routing_hook is not None:
             self.routing_hook(self, gates)
-        return loramoe_delta(x.to(self.lora_A.dtype), gates, self.lora_A, self.lora_B, self.scale,
-                             self.dropout, self.training)
+        if out.dtype == x.dtype == self.lora_A.dtype:  # the fused in-place path
+            return add_loramoe(out, x, gates, self.lora_A, self.lora_B, self.scale, self.dropout, self.training)
+        return out + loramoe_delta(x.to(self.lora_A.dtype), gates, self.lora_A, self.lora_B, self.scale,
+                                   self.dropout, self.training).to(out.dtype)
+
+    def adapter_delta(self, x: Tensor) -> Tensor:
+        return loramoe_delta(x.to(self.lora_A.dtype), router_gates(x, self.router.weight), self.lora_A,
+                             self.lora_B, self.scale, self.dropout, self.training)
 
     def delta_weight(self) -> Tensor:
         raise MergeError("LoRAMoE cannot be merged: its router mixes the experts differently for "

@@ -1,0 +1,342 @@
+"""Instruction data for training: records from files and lists, tokenized with a loss on answers.
+
+A record is ``{"instruction", "input"?, "output", "type"?}`` or ``{"messages": [{"role",
+"content"}, ...], "type"?}``; both become messages ending with the assistant's response, the
+``input`` joining the instruction after a blank line in one user message (so a chat template and
+the plain template see the same text). Messages are an optional system message, then user and
+assistant turns alternating, which every template can render. ``type`` is a free string naming
+the expert group of a sample. A ``null`` or an empty CSV cell counts as absent (Parquet and CSV
+cannot tell them apart); other fields are ignored.
+
+Files: ``.jsonl``/``.json`` (JSON Lines, or one JSON array), ``.csv`` (a header row; every cell
+is text, "NA" too) and ``.parquet``, parsed with the json and csv modules and pyarrow rather than
+``datasets.load_dataset``, whose JSON reader turns answers that look like dates into timestamps,
+whose CSV reader (pandas) reads "NA" as missing and drops a first row's extra field, which names
+no line for a problem, and which copies each Parquet file into its cache and fails on one without
+rows. Records are held in memory anyway; ``tokenize_records`` returns a ``datasets.Dataset``.
+``Record.source``, which starts every error, is ``path:line`` (1-based) for JSON Lines and CSV,
+``path[i]`` (0-based) for JSON arrays and Parquet rows, ``<list>[i]`` for lists.
+
+Prompts use the tokenizer's chat template when it has one; otherwise ``PLAIN_TEMPLATE`` per user
+turn, ``"### System:\\n{content}\\n\\n"`` for a system message, each earlier answer and a blank
+line, and EOS after the response. When a template's generation prompt is not a prefix of the
+whole conversation it renders, a sample is the prompt's tokens, the response's and EOS. The loss
+covers the last assistant message and what ends it (the template's end-of-turn tokens, or EOS);
+earlier answers are context only, as multi-turn data often holds answers nobody checked.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from transformers import PreTrainedTokenizerBase
+
+PLAIN_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+"""The prompt of a user turn for tokenizers without a chat template (the response follows it)."""
+
+IGNORE_INDEX = -100
+"""The label of tokens the loss skips (the prompt, and padding)."""
+
+_PLAIN_SYSTEM = "### System:\n{content}\n\n"
+_INSTRUCTION_FIELDS = {"instruction", "input", "output"}
+_FEATURES = datasets.Features({
+    "input_ids": datasets.List(datasets.Value("int32")),
+    "attention_mask": datasets.List(datasets.Value("int8")),
+    "labels": datasets.List(datasets.Value("int32")),
+    "sample_type": datasets.Value("int32"),
+})
+
+
+class DataError(ValueError):
+    """Bad training data. The message starts with where (``path:line``, 1-based, for JSON Lines and
+    CSV; ``path[i]``, 0-based, for JSON arrays, Parquet and lists) and names the field."""
+
+
+@dataclass(frozen=True)
+class Record:
+    messages: list[dict[str, str]]
+    """``{"role", "content"}`` dicts; the last one is the assistant's response."""
+    type: str | None
+    source: str
+    """Where the record came from, for error messages: ``file.jsonl:12`` or ``<list>[3]``."""
+
+
+def read_records(sources: Sequence[str | os.PathLike | list[dict]], *,
+                 skip_bad: bool = False) -> tuple[list[Record], int]:
+    """Reads every source in order; returns the records and the number of bad records skipped (0
+    unless ``skip_bad``). With ``skip_bad=False`` the first bad record raises DataError. With
+    ``skip_bad=True`` bad records are skipped, counted, and a warning reports the count per file.
+    An empty file (or one where every record is bad) is always an error."""
+    if isinstance(sources, (str, os.PathLike)):
+        raise TypeError("read_records takes a list of sources; put the single path in a list")
+    records: list[Record] = []
+    skipped = 0
+    for source in sources:
+        name, entries = _open(source)
+        before, bad, first_error = len(records), 0, None
+        for where, raw in entries:
+            try:
+                records.append(_to_record(raw, where))
+            except DataError as error:
+                if not skip_bad:
+                    raise
+                bad, first_error = bad + 1, first_error or error
+        good = len(records) - before
+        if not good:
+            why = f"all {bad} are bad; the first: {first_error}" if bad else "it is empty"
+            raise DataError(f"{name}: no records ({why})")
+        if bad:
+            warnings.warn(f"{name}: skipped {bad} bad record(s) of {bad + good}; the first: {first_error}",
+                          stacklevel=2)
+        skipped += bad
+    return records, skipped
+
+
+def _open(source: str | os.PathLike | list[dict]) -> tuple[str, Iterable[tuple[str, object]]]:
+    """The name of a source and its ``(where, raw record)`` pairs. A record a reader cannot parse
+    comes as the DataError saying why, so whether to skip it is decided in one place."""
+    if isinstance(source, list):
+        return "<list>", ((f"<list>[{i}]", raw) for i, raw in enumerate(source))
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"a source is a path or a list of records, not {type(source).__name__}")
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unknown file type '{path.suffix}'; use .jsonl, .json, .csv or .parquet")
+    return str(path), reader(path)
+
+
+def _invalid_json(where: str, error: ValueError) -> DataError:
+    detail = f"{error.msg} (column {error.colno})" if isinstance(error, json.JSONDecodeError) else error
+    return DataError(f"{where}: invalid JSON: {detail}")
+
+
+def _json_entries(path: Path) -> Iterator[tuple[str, object]]:
+    with open(path, "rb") as f:
+        if f.read(1 << 16).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            f.seek(0)
+            try:
+                items = json.loads(f.read())
+            except ValueError as error:  # one broken array: nothing in it can be trusted, so never skipped
+                where = f"{path}:{error.lineno}" if isinstance(error, json.JSONDecodeError) else str(path)
+                raise _invalid_json(where, error) from None
+            yield from ((f"{path}[{i}]", item) for i, item in enumerate(items))
+            return
+        f.seek(0)
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                source = f"{path}:{lineno}"
+                try:
+                    yield source, json.loads(line)  # from bytes: a UTF-8 BOM on the first line is fine
+                except ValueError as error:
+                    yield source, _invalid_json(source, error)
+
+
+def _csv_entries(path: Path) -> Iterator[tuple[str, object]]:
+    end = 0  # the line the previous row ended on: quoted cells may span lines
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = csv.reader(f, strict=True)  # strict: a stray quote is an error, not a swallowed line
+            header = next(rows, None)
+            if header is None:
+                return
+            end = rows.line_num
+            for row in rows:
+                source, end = f"{path}:{end + 1}", rows.line_num
+                if len(row) <= 1 and not "".join(row).strip():  # a blank line, not a record
+                    continue
+                if len(row) != len(header):
+                    problem = f"expected {len(header)} fields (as the header), found {len(row)}"
+                    yield source, DataError(f"{source}: {problem}")
+                else:
+                    yield source, {key: value for key, value in zip(header, row) if value != ""}
+    except csv.Error as error:  # the file cannot be split into rows after this point
+        raise DataError(f"{path}:{end + 1}: invalid CSV: {error}") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text: {error.reason}") from None
+
+
+def _parquet_entries(path: Path) -> Iterator[tuple[str, object]]:
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, pa.ArrowException) as error:
+        raise DataError(f"{path}: cannot read Parquet: {error}") from None
+    return ((f"{path}[{i}]", row) for i, row in enumerate(rows))
+
+
+_READERS = {".jsonl": _json_entries, ".json": _json_entries, ".csv": _csv_entries,
+            ".parquet": _parquet_entries}
+
+
+def _string(fields: Mapping[str, Any], key: str, source: str, label: str | None = None, *,
+            required: bool = True) -> str | None:
+    value = fields.get(key)
+    if value is None:
+        if required:
+            raise DataError(f"{source}: field '{label or key}' is missing")
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{source}: field '{label or key}' must be a string, found {type(value).__name__}")
+    return value
+
+
+def _to_record(raw: object, source: str) -> Record:
+    if isinstance(raw, DataError):  # the reader could not parse it
+        raise raw
+    if not isinstance(raw, Mapping):
+        raise DataError(f"{source}: a record must be an object, found {type(raw).__name__}")
+    fields = {key: value for key, value in raw.items() if value is not None}
+    record_type = _string(fields, "type", source, required=False)
+    if "messages" in fields:
+        if fields.keys() & _INSTRUCTION_FIELDS:
+            other = min(fields.keys() & _INSTRUCTION_FIELDS)
+            raise DataError(f"{source}: field 'messages' and field '{other}' in one record; use one shape")
+        return Record(_messages(fields["messages"], source), record_type, source)
+    if not fields.keys() & _INSTRUCTION_FIELDS:
+        found = ", ".join(map(str, fields)) or "none"
+        raise DataError(f"{source}: a record needs fields 'instruction' and 'output', or 'messages' "
+                        f"(found: {found})")
+    instruction = _string(fields, "instruction", source)
+    output = _string(fields, "output", source)
+    extra = _string(fields, "input", source, required=False)
+    prompt = f"{instruction}\n\n{extra}" if extra else instruction
+    return Record([{"role": "user", "content": prompt}, {"role": "assistant", "content": output}],
+                  record_type, source)
+
+
+def _messages(value: object, source: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        found = "an empty list" if isinstance(value, list) else type(value).__name__
+        raise DataError(f"{source}: field 'messages' must be a non-empty list of messages, found {found}")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, Mapping):
+            raise DataError(f"{source}: field 'messages[{i}]' must be an object with 'role' and 'content', "
+                            f"found {type(message).__name__}")
+        messages.append({key: _string(message, key, source, f"messages[{i}].{key}")
+                         for key in ("role", "content")})
+    first = 1 if messages[0]["role"] == "system" else 0
+    for i in range(first, len(messages)):
+        expected = "user" if (i - first) % 2 == 0 else "assistant"
+        if messages[i]["role"] != expected:
+            raise DataError(f"{source}: field 'messages[{i}].role' is '{messages[i]['role']}', expected "
+                            f"'{expected}' (an optional system message, then user and assistant alternating)")
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{source}: field 'messages' must end with the assistant's response, "
+                        f"not a '{messages[-1]['role']}' message")
+    return messages
+
+
+def tokenize_records(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, *, max_length: int,
+                     type_ids: Mapping[str, int] | None = None,
+                     require_types: bool = False) -> datasets.Dataset:
+    """Columns: ``input_ids``, ``attention_mask``, ``labels`` (``IGNORE_INDEX`` on the prompt) and
+    ``sample_type`` (``type_ids[type]``, or -1 for untyped records and types not in ``type_ids``).
+
+    With ``require_types`` every record's type must be in ``type_ids`` (else DataError). Longer
+    sequences than ``max_length`` keep their start, and one warning says how many were cut; a
+    sample whose response is cut away entirely stays, with no label, so nothing vanishes unseen.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be at least 1, got {max_length}")
+    type_ids = dict(type_ids or {})
+    if require_types:
+        known = ", ".join(sorted(type_ids)) or "none"
+        for record in records:
+            if record.type not in type_ids:
+                problem = ("is missing" if record.type is None
+                           else f"is '{record.type}', which no expert group claims")
+                raise DataError(f"{record.source}: field 'type' {problem}; known types: {known}")
+    columns: dict[str, list] = {name: [] for name in _FEATURES}
+    truncated = unlabelled = 0
+    for record in records:
+        ids, prompt_length = _encode(record.messages, tokenizer)
+        labels = [IGNORE_INDEX] * prompt_length + ids[prompt_length:]
+        if len(ids) > max_length:
+            ids, labels = ids[:max_length], labels[:max_length]
+            truncated += 1
+            unlabelled += prompt_length >= max_length
+        columns["input_ids"].append(ids)
+        columns["attention_mask"].append([1] * len(ids))
+        columns["labels"].append(labels)
+        columns["sample_type"].append(type_ids.get(record.type, -1))  # untyped: None is never a key
+    if truncated:
+        lost = f"; {unlabelled} of them kept nothing of the response" if unlabelled else ""
+        warnings.warn(f"{truncated} of {len(records)} samples are longer than max_length={max_length} "
+                      f"tokens and were truncated, keeping the start{lost}", stacklevel=2)
+    return datasets.Dataset.from_dict(columns, features=_FEATURES)
+
+
+def encode_prompt(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids of a conversation that ends with a user turn, up to where the answer starts: what
+    generation is given, rendered exactly as training renders the prompt."""
+    if tokenizer.chat_template:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+    return tokenizer(_plain_prompt(messages + [{"role": "assistant", "content": ""}]))["input_ids"]
+
+
+def _encode(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], int]:
+    """The token ids of a whole conversation, and how many of them are prompt."""
+    prompt = encode_prompt(messages[:-1], tokenizer)
+    if tokenizer.chat_template:
+        full = list(tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"])
+        if full[:len(prompt)] == prompt:
+            return full, len(prompt)
+        # the template renders the history differently once an answer follows (some drop earlier
+        # reasoning): train on the prompt as generation will see it, then the response and EOS
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token to end responses with; set tokenizer.eos_token")
+    response = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
+    return prompt + response + [tokenizer.eos_token_id], len(prompt)
+
+
+def _plain_prompt(messages: list[dict[str, str]]) -> str:
+    """Everything before the response, in the plain format of the module docstring."""
+    parts = []
+    for message in messages[:-1]:
+        if message["role"] == "system":
+            parts.append(_PLAIN_SYSTEM.format(content=message["content"]))
+        elif message["role"] == "user":
+            parts.append(PLAIN_TEMPLATE.format(instruction=message["content"]))
+        else:  # an earlier answer: it follows the "### Response:" header of its user turn
+            parts.append(f"{message['content']}\n\n")
+    return "".join(parts)
+
+
+class DataCollator:
+    """Pads a batch to its longest sample, on the right: ``input_ids`` with the pad token,
+    ``attention_mask`` with 0 and ``labels`` with ``IGNORE_INDEX``; ``sample_type`` becomes a
+    (batch,) tensor. All long tensors. ``pad_to_multiple_of`` rounds the length up (tensor cores)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None):
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token "
+                             "(loramoe.models.load uses the EOS token)")
+        self.pad_token_id = tokenizer.pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {}
+        for key, pad in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+            batch[key] = torch.full((len(features), length), pad, dtype=torch.long)
+            for row, feature in zip(batch[key], features):
+                values = torch.as_tensor(feature[key], dtype=torch.long)
+                row[:len(values)] = values
+        batch["sample_type"] = torch.tensor([int(f["sample_type"]) for f in features], dtype=torch.long)
+        return batch

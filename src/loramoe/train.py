@@ -1,0 +1,206 @@
+"""``loramoe train``: fine-tune a causal LM with LoRAMoE, LoRA or fully, on instruction data.
+
+The same function backs the command line (flags = parameters, a ``--config`` YAML/JSON file
+with the same keys) and Python. The output folder holds the final adapter (or the full model
+for ``--method full``), ``train_config.yaml`` (every setting, reusable as ``--config``),
+``train_summary.json``, ``checkpoints/`` and TensorBoard logs in ``logs/``.
+
+Scaling out needs no code change: ``accelerate launch --num_processes N -m loramoe.cli train ...``
+(DDP; FSDP and DeepSpeed through ``accelerate config``), see docs/training.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from transformers import TrainingArguments
+
+from loramoe import models
+from loramoe.adapters import LoraConfig, LoraMoEConfig
+from loramoe.attach import attach, trainable_parameters
+from loramoe.fileio import atomic_write_text
+from loramoe.data import DataCollator, read_records, tokenize_records
+from loramoe.serialization import load_adapter, read_adapter_config
+from loramoe.trainer import LoraMoETrainer, TensorBoardLogs, complete_checkpoints, remove_incomplete_checkpoints
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["loramoe", "lora", "full"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+def _precision(precision: Precision) -> dict[str, bool]:
+    if precision == "auto":
+        if torch.cuda.is_available():
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def _adapter_config(method: Method, rank: int | None, alpha: float | None, dropout: float | None,
+                    target_modules: list[str] | None, num_experts: int | None, groups: dict[str, int] | None,
+                    balance_delta: float, balance_weight: float) -> LoraConfig | LoraMoEConfig | None:
+    given = {k: v for k, v in dict(r=rank, alpha=alpha, dropout=dropout, target_modules=target_modules).items()
+             if v is not None}
+    if method == "lora":
+        return LoraConfig(**given)
+    if method == "loramoe":
+        return LoraMoEConfig(**given, num_experts=num_experts, groups=groups, balance_delta=balance_delta,
+                             balance_weight=balance_weight)
+    return None
+
+
+def train(
+    data: list[str],
+    model: str = "smollm2-135m",
+    method: Method = "loramoe",
+    output: Path = Path("runs/train"),
+    rank: int | None = None,
+    alpha: float | None = None,
+    dropout: float | None = None,
+    target_modules: list[str] | None = None,
+    num_experts: int | None = None,
+    groups: dict[str, int] | None = None,
+    balance_delta: float = 0.1,
+    balance_weight: float = 0.1,
+    require_types: bool = False,
+    max_steps: int = -1,
+    epochs: float = 1.0,
+    max_length: int = 1024,
+    lr: float = 2e-4,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    warmup_ratio: float = 0.03,
+    scheduler: str = "cosine",
+    weight_decay: float = 0.0,
+    precision: Precision = "auto",
+    gradient_checkpointing: bool = False,
+    save_steps: int = 500,
+    save_total_limit: int | None = 2,
+    logging_steps: int = 10,
+    resume: bool = False,
+    init_adapter: Path | None = None,
+    skip_bad_records: bool = False,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune a model on instruction data and write the result to ``output``.
+
+    Args:
+        data: training files (JSONL, JSON, CSV, Parquet) in the documented record format.
+        model: ``smollm2-135m`` (embedded), a local folder or a Hugging Face hub id.
+        method: ``loramoe``, ``lora`` or ``full`` fine-tuning.
+        output: run folder (final adapter or model, config, summary, checkpoints, logs).
+        rank: adapter rank (LoRA default 8; LoRAMoE per expert, default 4).
+        alpha: adapter scale numerator (LoRA default 16, LoRAMoE 32).
+        dropout: adapter input dropout (LoRA default 0, LoRAMoE 0.05).
+        target_modules: module names or a regex; default the model's MLP projections.
+        num_experts: LoRAMoE experts per projection (default: the sum of groups).
+        groups: LoRAMoE expert groups by sample type, e.g. {knowledge: 3, task: 3} (the default).
+        balance_delta: delta of the localized balancing constraint.
+        balance_weight: beta, the weight of the constraint (0 turns it off).
+        require_types: every record must have a type that an expert group claims.
+        max_steps: optimizer steps; -1 to run ``epochs`` epochs.
+        epochs: passes over the data when max_steps is -1.
+        max_length: longest sequence in tokens; longer ones are truncated (with a warning).
+        lr: peak learning rate.
+        batch_size: sequences per device per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        warmup_ratio: share of the steps spent warming the learning rate up (< 1).
+        scheduler: learning-rate schedule (a transformers scheduler name: cosine, linear, constant...).
+        weight_decay: AdamW weight decay.
+        precision: auto (bf16/fp16 on a GPU that has it, else fp32), fp32, bf16 or fp16.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        save_steps: write a checkpoint every this many steps.
+        save_total_limit: keep at most this many checkpoints (None keeps all).
+        logging_steps: log every this many steps.
+        resume: continue from the last complete checkpoint in ``output/checkpoints``.
+        init_adapter: start from a saved adapter (sequential fine-tuning); its config wins.
+        skip_bad_records: skip malformed records (the count is reported) instead of stopping.
+        seed: seed for initialisation, data order and dropout.
+        trust_remote_code: allow a hub model's own code to run.
+    """
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"--warmup-ratio must be in [0, 1), got {warmup_ratio}")
+    if not data:
+        raise ValueError("--data: give at least one training file")
+    started = time.time()
+    output = Path(output)
+    checkpoints = output / "checkpoints"
+    if resume:
+        removed = remove_incomplete_checkpoints(checkpoints)
+        if removed:
+            logger.warning("removed %d incomplete checkpoint(s): %s", len(removed), [p.name for p in removed])
+    last_checkpoint = complete_checkpoints(checkpoints)[-1] if resume and complete_checkpoints(checkpoints) else None
+    if resume and last_checkpoint is None:
+        logger.warning("--resume: no complete checkpoint in %s, starting from scratch", checkpoints)
+
+    torch.manual_seed(seed)  # the adapter's initialisation
+    base, tokenizer = models.load(model, trust_remote_code=trust_remote_code)
+    if init_adapter is not None:
+        config, _ = read_adapter_config(init_adapter)
+        if method == "full" or config.method != method:
+            raise ValueError(f"--init-adapter {init_adapter} holds a {config.method} adapter, not --method {method}")
+        load_adapter(base, init_adapter)
+    else:
+        config = _adapter_config(method, rank, alpha, dropout, target_modules, num_experts, groups,
+                                 balance_delta, balance_weight)
+        if config is not None:
+            attach(base, config)
+    if isinstance(config, LoraMoEConfig) and config.groups is not None:
+        type_ids = {name: i for i, name in enumerate(config.groups)}
+    else:
+        type_ids = None
+    params = trainable_parameters(base)
+    logger.info("%s", params)
+
+    records, skipped = read_records(data, skip_bad=skip_bad_records)
+    dataset = tokenize_records(records, tokenizer, max_length=max_length, type_ids=type_ids,
+                               require_types=require_types)
+    args = TrainingArguments(
+        output_dir=str(checkpoints), max_steps=max_steps, num_train_epochs=epochs, learning_rate=lr,
+        per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+        warmup_steps=warmup_ratio, lr_scheduler_type=scheduler, weight_decay=weight_decay, seed=seed,
+        data_seed=seed, save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit,
+        logging_steps=logging_steps, report_to=[],
+        activation_checkpointing=gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},  # reentrant would cut the router's graph
+        remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
+        use_cpu=not torch.cuda.is_available(), **_precision(precision))
+    trainer = LoraMoETrainer(model=base, args=args, train_dataset=dataset, data_collator=DataCollator(tokenizer),
+                             callbacks=[TensorBoardLogs(output / "logs")])
+    result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+
+    if trainer.args.should_save:
+        output.mkdir(parents=True, exist_ok=True)
+        trainer.save_model(str(output))
+        if method == "full":
+            tokenizer.save_pretrained(output)
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    last = history[-1] if history else {}
+    summary = {
+        "method": method, "model": model, "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch, "records": len(records), "skipped_records": skipped,
+        "tokens": int(trainer.state.num_input_tokens_seen), "seconds": round(time.time() - started, 2),
+        "train_runtime": result.metrics.get("train_runtime"),
+        "final_loss": last.get("loss"), "final_lm_loss": last.get("lm_loss", last.get("loss")),
+        "final_lbc_loss": last.get("lbc_loss"), "train_loss": result.training_loss,
+        "trainable_parameters": params.trainable, "total_parameters": params.total,
+        "adapter": asdict(config) if config is not None else None,
+        "resumed_from": str(last_checkpoint) if last_checkpoint else None,
+    }
+    if trainer.args.should_save:
+        flags = {key.replace("_", "-"): value for key, value in settings.items()}  # keys = the flags
+        atomic_write_text(output / "train_config.yaml", yaml.safe_dump(flags, sort_keys=False))
+        atomic_write_text(output / "train_summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+

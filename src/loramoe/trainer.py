@@ -1,0 +1,169 @@
+"""A Hugging Face ``Trainer`` that knows about loramoe adapters.
+
+What it adds to the stock trainer (schedule, accumulation, mixed precision, checkpointing,
+resume, distributed runs and logging all stay the Trainer's):
+
+- the localized balancing constraint: batches carry a ``sample_type`` column (group index, -1
+  untyped) that never reaches the model; the gates come from :func:`loramoe.routing.capture_routing`,
+  so the model's forward is untouched and checkpointed recomputations are not counted twice;
+- logs of the LM loss, the constraint and the router balance (per sample type, the share of gate
+  mass each expert group received), averaged between logging steps, to every ``report_to`` target;
+- adapter-only checkpoints (``adapter_config.json`` + ``adapter_model.safetensors``) instead of the
+  whole model, and a completion marker written last, so a checkpoint killed half-way is never resumed;
+- a stop with a clear message on a NaN or infinite loss, leaving the checkpoints as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed.nn
+from transformers import Trainer
+from transformers.integrations import TensorBoardCallback
+
+from loramoe.adapters import LoraMoEConfig
+from loramoe.attach import adapter_config
+from loramoe.fileio import atomic_write_text
+from loramoe.balance import balancing_loss, group_shares
+from loramoe.routing import capture_routing
+from loramoe.serialization import load_adapter, save_adapter
+
+COMPLETE_MARKER = "loramoe_checkpoint_complete.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def complete_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """Checkpoints under ``folder`` whose completion marker exists, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := _CHECKPOINT_RE.match(p.name)) and (p / COMPLETE_MARKER).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def remove_incomplete_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """Delete checkpoint folders without a completion marker (left by a killed run)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = [p for p in folder.iterdir() if _CHECKPOINT_RE.match(p.name) and not (p / COMPLETE_MARKER).is_file()]
+    for p in removed:
+        shutil.rmtree(p)
+    return removed
+
+
+class TensorBoardLogs(TensorBoardCallback):
+    """TensorBoard event files in a folder of the run's choosing (transformers 5 takes the folder
+    only from an environment variable, which would leak into other runs of the process)."""
+
+    def __init__(self, log_dir: str | os.PathLike) -> None:
+        super().__init__()
+        self.logging_dir = str(log_dir)
+
+
+class LoraMoETrainer(Trainer):
+    """``Trainer`` for models with a loramoe adapter attached (or none, for full fine-tuning)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        config = adapter_config(self.model)
+        self.loramoe = config if isinstance(config, LoraMoEConfig) else None
+        self._sums: dict[str, float] = defaultdict(float)
+        self._counts: dict[str, int] = defaultdict(int)
+
+    def _record(self, name: str, value: float) -> None:
+        if not math.isnan(value):
+            self._sums[name] += value
+            self._counts[name] += 1
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sample_types = inputs.pop("sample_type", None)
+        if self.loramoe is None or not model.training:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self._check_finite(result[0] if return_outputs else result)
+            return result
+        with capture_routing(model, keep_graph=True) as routing:
+            lm_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        importance = torch.stack(list(routing.sample_gates().values()))  # (layers, samples, E)
+        expert_groups = torch.tensor(self.loramoe.expert_groups(), device=importance.device)
+        if sample_types is None:
+            sample_types = torch.full((importance.shape[1],), -1)
+        sample_types = sample_types.to(importance.device)
+        if self.args.world_size > 1:  # the constraint is over the global batch, as in one process
+            importance = torch.cat(torch.distributed.nn.functional.all_gather(importance), dim=1)
+            sample_types = torch.cat(self.accelerator.gather(sample_types[None]).unbind(0))
+        lbc = sum(balancing_loss(q, sample_types, expert_groups, self.loramoe.balance_delta) for q in importance)
+        loss_is_scaled = (self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else
+                          (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                          or self.compute_loss_func is not None)
+        # when the LM loss is already normalised over the accumulated batch, the Trainer won't
+        # divide by the accumulation steps, so the per-micro-batch constraint is divided here
+        steps = self.current_gradient_accumulation_steps if loss_is_scaled else 1
+        loss = lm_loss + self.loramoe.balance_weight * lbc.to(lm_loss.dtype) / steps
+        self._check_finite(loss)
+        self._record("lm_loss", lm_loss.item() * (steps / self._lm_scale()))
+        self._record("lbc_loss", lbc.item())
+        self._record_balance(importance, sample_types, expert_groups)
+        return (loss, outputs) if return_outputs else loss
+
+    def _lm_scale(self) -> float:
+        """The factor the Trainer put on the LM loss for distributed token averaging."""
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
+            return float(self.accelerator.num_processes)
+        return 1.0
+
+    def _record_balance(self, importance: torch.Tensor, sample_types: torch.Tensor,
+                        expert_groups: torch.Tensor) -> None:
+        if self.loramoe.groups is None:
+            return
+        names = list(self.loramoe.groups)
+        shares = group_shares(importance.detach().sum(0), sample_types, expert_groups, len(names))  # over layers
+        for t, type_name in enumerate(names):
+            for g, group_name in enumerate(names):
+                self._record(f"router/{type_name}_to_{group_name}", shares[t, g].item())
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            done = complete_checkpoints(self.args.output_dir)
+            last = str(done[-1]) if done else "none yet"
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {self.state.global_step}: training stopped. Last complete "
+                f"checkpoint: {last}. Lower --lr, check the data, or use fp32/bf16 instead of fp16.")
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the averages since the previous one
+            for name, total in self._sums.items():
+                logs[name] = total / self._counts[name]
+            self._sums.clear()
+            self._counts.clear()
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if adapter_config(self.model) is None:
+            return super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            save_adapter(self.model, output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if adapter_config(self.model) is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_adapter(model or self.model, resume_from_checkpoint)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every rank has written its RNG state
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"global_step": self.state.global_step}))

@@ -1,0 +1,215 @@
+"""`loramoe train` on tiny local models: outputs, determinism, config files, resume, faults, LBC."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from loramoe.cli import main as cli_main
+from loramoe.train import train
+from loramoe.trainer import COMPLETE_MARKER, TrainingDiverged
+from tests.conftest import save_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _records(n: int = 16) -> list[dict]:
+    """Two sample types over the tiny tokenizer's words: knowledge answers from w10-w29, tasks
+    from w50-w69, so the two types need different updates."""
+    out = []
+    for i in range(n):
+        if i % 2 == 0:
+            out.append({"instruction": f"w{2 + i % 7} w{3 + i % 5}", "output": f"w{10 + i % 20} w{11 + i % 19}",
+                        "type": "knowledge"})
+        else:
+            out.append({"instruction": f"w{30 + i % 7} w{31 + i % 5}", "output": f"w{50 + i % 20} w{51 + i % 19}",
+                        "type": "task"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    save_tiny(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    file = tmp_path_factory.mktemp("data") / "train.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+    return str(file)
+
+
+def _common(tiny_model_dir, data_file, **overrides):
+    settings = dict(data=[data_file], model=tiny_model_dir, max_steps=4, batch_size=4, lr=5e-3, logging_steps=1,
+                    save_steps=2, max_length=32, num_experts=None, dropout=0.0, seed=3)
+    settings.update(overrides)
+    return settings
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(Path(folder) / "adapter_model.safetensors")
+
+
+def test_train_writes_adapter_config_summary_checkpoints_and_logs(tiny_model_dir, data_file, tmp_path):
+    summary = train(**_common(tiny_model_dir, data_file), output=tmp_path)
+    assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
+    saved = json.loads((tmp_path / "train_summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    assert saved["steps"] == 4 and saved["records"] == 16 and saved["tokens"] > 0
+    assert saved["trainable_parameters"] > 0 and saved["final_lbc_loss"] is not None
+    config = yaml.safe_load((tmp_path / "train_config.yaml").read_text())
+    assert config["max-steps"] == 4 and config["method"] == "loramoe"
+    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-2", "checkpoint-4"]
+    for name in checkpoints:
+        folder = tmp_path / "checkpoints" / name
+        assert (folder / COMPLETE_MARKER).is_file() and (folder / "adapter_model.safetensors").is_file()
+        assert not (folder / "model.safetensors").exists()  # adapter-only checkpoints
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert any(k.startswith("model.layers.0.mlp.gate_proj") for k in _weights(tmp_path))
+
+
+def test_same_seed_same_result(tiny_model_dir, data_file, tmp_path):
+    train(**_common(tiny_model_dir, data_file, dropout=0.1), output=tmp_path / "a")
+    train(**_common(tiny_model_dir, data_file, dropout=0.1), output=tmp_path / "b")
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_config_file_keys_equal_the_flags(tiny_model_dir, data_file, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": tiny_model_dir, "data": [data_file], "method": "lora",
+                                      "max-steps": 2, "batch-size": 4, "max-length": 32, "save-steps": 10}))
+    cli_main(["train", "--config", str(config), "--output", str(tmp_path / "run"), "--lr", "1e-3"])
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["method"] == "lora" and summary["steps"] == 2
+    written = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())
+    assert written["lr"] == 1e-3 and written["batch-size"] == 4
+    # the written config reproduces the run
+    cli_main(["train", "--config", str(tmp_path / "run" / "train_config.yaml"), "--output", str(tmp_path / "again")])
+    a, b = _weights(tmp_path / "run"), _weights(tmp_path / "again")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_fine_tuning_saves_the_model(tiny_model_dir, data_file, tmp_path):
+    summary = train(**_common(tiny_model_dir, data_file, method="full", save_steps=10), output=tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "tokenizer.json").is_file()
+    assert summary["trainable_parameters"] == summary["total_parameters"]
+
+
+def test_init_adapter_continues_from_a_saved_adapter(tiny_model_dir, data_file, tmp_path):
+    train(**_common(tiny_model_dir, data_file), output=tmp_path / "stage1")
+    summary = train(**_common(tiny_model_dir, data_file, max_steps=1, lr=0.0, warmup_ratio=0.0),
+                    output=tmp_path / "stage2", init_adapter=tmp_path / "stage1")
+    a, b = _weights(tmp_path / "stage1"), _weights(tmp_path / "stage2")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # lr 0: stage 2 keeps stage 1's weights
+    assert summary["adapter"]["num_experts"] == 6
+    with pytest.raises(ValueError, match="holds a loramoe adapter, not --method lora"):
+        train(**_common(tiny_model_dir, data_file, method="lora"), output=tmp_path / "x",
+              init_adapter=tmp_path / "stage1")
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_model_dir, data_file, tmp_path,
+                                                                     monkeypatch):
+    import loramoe.trainer as trainer_module
+
+    calls = []
+    real = trainer_module.balancing_loss
+
+    def nan_from_the_third_step(*args):
+        calls.append(1)
+        value = real(*args)
+        return value * float("nan") if len(calls) > 2 * 6 else value  # 6 LoRAMoE layers per step
+
+    monkeypatch.setattr(trainer_module, "balancing_loss", nan_from_the_third_step)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 2.*checkpoint-2"):
+        train(**_common(tiny_model_dir, data_file, save_steps=2), output=tmp_path)
+    assert (tmp_path / "checkpoints" / "checkpoint-2" / COMPLETE_MARKER).is_file()
+    weights = _weights(tmp_path / "checkpoints" / "checkpoint-2")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, data_file, tmp_path):
+    train(**_common(tiny_model_dir, data_file, balance_weight=1.0), output=tmp_path / "plain")
+    train(**_common(tiny_model_dir, data_file, balance_weight=1.0, gradient_checkpointing=True),
+          output=tmp_path / "checkpointed")
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "checkpointed")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    la = json.loads((tmp_path / "plain" / "train_summary.json").read_text())["final_lbc_loss"]
+    lb = json.loads((tmp_path / "checkpointed" / "train_summary.json").read_text())["final_lbc_loss"]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import loramoe.trainer as trainer_module
+    from loramoe.train import train
+
+    real_save = trainer_module.save_adapter
+
+    def save_then_die(model, folder):
+        real_save(model, folder)
+        if str(folder).endswith("checkpoint-4"):  # killed after the weights, before the marker
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer_module.save_adapter = save_then_die
+    settings = eval(sys.argv[1])
+    train(**settings)
+""")
+
+
+def test_resume_after_a_kill_during_a_checkpoint_matches_an_uninterrupted_run(tiny_model_dir, data_file, tmp_path):
+    settings = _common(tiny_model_dir, data_file, max_steps=6, dropout=0.1)
+    train(**settings, output=tmp_path / "straight")
+    killed = dict(settings, output=str(tmp_path / "killed"))
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    run = subprocess.run([sys.executable, str(script), repr(killed)], env=env, capture_output=True, text=True)
+    assert run.returncode == -9, run.stderr[-2000:]
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    assert (checkpoints / "checkpoint-4").is_dir() and not (checkpoints / "checkpoint-4" / COMPLETE_MARKER).exists()
+    summary = train(**settings, output=tmp_path / "killed", resume=True)
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 6
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_the_balancing_constraint_separates_the_groups_by_type(tiny_model_dir, tmp_path):
+    """With beta > 0 the router's gate mass per type differs between the two groups clearly more
+    than with beta = 0 (measured on the training data's types, summed over layers)."""
+    from loramoe import capture_routing, load_adapter, models
+    from loramoe.data import DataCollator, read_records, tokenize_records
+
+    file = tmp_path / "typed.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in _records(32)))
+    gaps = {}
+    for beta in (0.0, 1.0):
+        out = tmp_path / f"beta{beta}"
+        train(data=[str(file)], model=tiny_model_dir, output=out, max_steps=40, batch_size=8, lr=1e-2,
+              balance_weight=beta, max_length=32, dropout=0.0, logging_steps=10, save_steps=100, seed=0)
+        model, tokenizer = models.load(tiny_model_dir)
+        load_adapter(model, out)
+        records, _ = read_records([str(file)])
+        dataset = tokenize_records(records, tokenizer, max_length=32, type_ids={"knowledge": 0, "task": 1})
+        batch = DataCollator(tokenizer)([dataset[i] for i in range(len(dataset))])
+        types = batch.pop("sample_type")
+        batch.pop("labels")
+        with capture_routing(model) as routing, torch.no_grad():
+            model(**batch)
+        mass = sum(routing.sample_gates().values())  # (samples, 6)
+        share_knowledge_group = mass[:, :3].sum(1) / mass.sum(1)  # per sample
+        gaps[beta] = (share_knowledge_group[types == 0].mean() - share_knowledge_group[types == 1].mean()).abs().item()
+    print(f"knowledge-group share gap between types: beta=0 {gaps[0.0]:.4f}, beta=1 {gaps[1.0]:.4f}")
+    assert gaps[1.0] > 2 * gaps[0.0] and gaps[1.0] > 0.01
