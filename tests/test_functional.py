@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramoe.functional import (add_loramoe, dropout_keep_mask, lora_delta, lora_delta_weight, loramoe_delta,
+from loramoe.functional import (dropout_drop_mask, loramoe_inplace, lora_delta, lora_delta_weight, loramoe_delta,
                                 router_gates)
 from tests.reference import loramoe_delta_loop
 
@@ -64,11 +64,11 @@ def _fused_vs_reference(e, r, dropout=0.0, dtype=torch.float32, rel=0.0, tol=1e-
     leaves = [t.clone().to(dtype).requires_grad_(True) for t in (x, router, a, b)]
     ref_leaves = [t.clone().to(dtype).requires_grad_(True) for t in (x, router, a, b)]
     torch.manual_seed(7)
-    keep = dropout_keep_mask(x.shape, dropout, x.device)
-    torch.manual_seed(7)  # add_loramoe draws the same mask: one for all experts
+    keep = ~dropout_drop_mask(x.shape, dropout, x.device)
+    torch.manual_seed(7)  # loramoe_inplace draws the same mask: one for all experts
     xs, rw, aa, bb = leaves
-    out = add_loramoe(xs @ base_w.to(dtype).T, xs, router_gates(xs, rw), aa, bb, scale=8.0,
-                      dropout=dropout, training=dropout > 0)
+    out, fused_gates = loramoe_inplace(xs @ base_w.to(dtype).T, xs, rw.float(), aa, bb, scale=8.0,
+                                       dropout=dropout, training=dropout > 0)
     xr, rr, ar, br = ref_leaves
     dropped = xr * keep / (1 - dropout)
     gates = router_gates(xr, rr)  # the router sees x without dropout
@@ -78,10 +78,11 @@ def _fused_vs_reference(e, r, dropout=0.0, dtype=torch.float32, rel=0.0, tol=1e-
     def close(got, want):
         return (got.float() - want.float()).abs().max() <= tol + rel * want.float().abs().max()
 
-    assert close(out, ref)
+    assert close(out, ref) and close(fused_gates, gates)
     upstream = torch.randn_like(out)
-    (out * upstream).mean().backward()
-    (ref * upstream).mean().backward()
+    on_gates = torch.randn_like(gates)  # a loss on the gates too, as the balancing constraint is
+    ((out * upstream).mean() + (fused_gates * on_gates).sum()).backward()
+    ((ref * upstream).mean() + (gates * on_gates).sum()).backward()
     for name, got, want in zip(["x", "router", "lora_A", "lora_B"], leaves, ref_leaves):
         assert close(got.grad, want.grad), name
 
@@ -90,7 +91,7 @@ def _fused_vs_reference(e, r, dropout=0.0, dtype=torch.float32, rel=0.0, tol=1e-
 def test_fused_inplace_op_equals_loop_reference(e, r):
     _fused_vs_reference(e, r)
     x, router, a, b = _random_loramoe(e=e, r=r)
-    fused = add_loramoe(torch.zeros(3, 5, b.shape[1]), x, router_gates(x, router), a, b, 8.0)
+    fused, _ = loramoe_inplace(torch.zeros(3, 5, b.shape[1]), x, router, a, b, 8.0)
     assert (fused - loramoe_delta_loop(x, router, a, b, 8.0)).abs().max() <= 1e-5
 
 
@@ -104,12 +105,12 @@ def test_fused_op_in_bfloat16():
 
 def test_keep_mask_rate_reproducibility_and_independence():
     torch.manual_seed(0)
-    mask = dropout_keep_mask((512, 1024), 0.05, torch.device("cpu"))
+    mask = ~dropout_drop_mask((512, 1024), 0.05, torch.device("cpu"))
     torch.manual_seed(0)
-    assert torch.equal(mask, dropout_keep_mask((512, 1024), 0.05, torch.device("cpu")))
+    assert torch.equal(mask, ~dropout_drop_mask((512, 1024), 0.05, torch.device("cpu")))
     assert mask.dtype == torch.bool and abs((~mask).float().mean().item() - 0.05) < 0.002
     lanes = (~mask).view(-1, 4).float()  # the four 16-bit lanes of each random word
     assert all(abs(lanes[:, i].mean().item() - 0.05) < 0.003 for i in range(4))
     both = (lanes[:, 0] * lanes[:, 1]).mean().item()
     assert abs(both - 0.05 ** 2) < 0.001  # lanes are independent
-    assert dropout_keep_mask((7,), 0.0, torch.device("cpu")).all()
+    assert not dropout_drop_mask((7,), 0.0, torch.device("cpu")).any()

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from loramoe.adapters.base import AdapterConfig, AdapterLayer, MergeError
-from loramoe.functional import add_loramoe, loramoe_delta, router_gates
+from loramoe.functional import loramoe_delta, loramoe_inplace, router_gates
 
 RoutingHook = Callable[["LoraMoELinear", Tensor], None]
 
@@ -119,13 +119,18 @@ class LoraMoELinear(AdapterLayer):
         out = self.base_layer(x)
         if self.merged or self.disabled:
             return out
-        gates = router_gates(x, self.router.weight)  # (..., E) float32
+        # the fused path writes into the base output, which must be a tensor of its own: GPT-2's
+        # Conv1D returns a view, which autograd can't let a two-output function modify in place
+        if out.dtype == x.dtype == self.lora_A.dtype and not out._is_view():
+            out, gates = loramoe_inplace(out, x, self.router.weight, self.lora_A, self.lora_B, self.scale,
+                                         self.dropout, self.training)
+        else:
+            gates = router_gates(x, self.router.weight)  # (..., E) float32
+            out = out + loramoe_delta(x.to(self.lora_A.dtype), gates, self.lora_A, self.lora_B, self.scale,
+                                      self.dropout, self.training).to(out.dtype)
         if self.routing_hook is not None:
             self.routing_hook(self, gates)
-        if out.dtype == x.dtype == self.lora_A.dtype:  # the fused in-place path
-            return add_loramoe(out, x, gates, self.lora_A, self.lora_B, self.scale, self.dropout, self.training)
-        return out + loramoe_delta(x.to(self.lora_A.dtype), gates, self.lora_A, self.lora_B, self.scale,
-                                   self.dropout, self.training).to(out.dtype)
+        return out
 
     def adapter_delta(self, x: Tensor) -> Tensor:
         return loramoe_delta(x.to(self.lora_A.dtype), router_gates(x, self.router.weight), self.lora_A,
