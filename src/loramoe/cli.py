@@ -13,6 +13,7 @@ import yaml
 from jsonargparse import auto_cli, set_loader
 
 from loramoe.demo import run_demo
+from loramoe.evaluate import evaluate
 from loramoe.train import train
 
 _FLAG = re.compile(r"^--([a-z0-9]+(?:-[a-z0-9]+)+)(=.*)?$")
@@ -35,7 +36,7 @@ def _normalise_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     set_loader("loramoe_yaml", _load_config)
     args = _normalise_flags(sys.argv[1:] if argv is None else argv)
-    auto_cli({"demo": run_demo, "train": train}, args=args, as_positional=False, parser_mode="loramoe_yaml")
+    auto_cli({"demo": run_demo, "train": train, "eval": evaluate}, args=args, as_positional=False, parser_mode="loramoe_yaml")
 
 
 if __name__ == "__main__":

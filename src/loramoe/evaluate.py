@@ -1,0 +1,184 @@
+"""``loramoe eval``: score a model (with an adapter, or fully fine-tuned) on knowledge, tasks and
+general text, and with ``--vs-base`` measure what fine-tuning cost against the base model.
+
+Writes ``eval.json`` (every number and every per-item prediction), ``eval.md`` (the tables) and,
+for LoRAMoE, ``router.json`` / ``router.png`` (gate share per expert for each benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramoe import models
+from loramoe.adapters import LoraMoEConfig
+from loramoe.attach import adapter_config, disabled_adapters
+from loramoe.fileio import atomic_write_text
+from loramoe.forgetting import distribution_shift, knowledge_change, parameter_drift, summarize_drift
+from loramoe.generation import generate
+from loramoe.metrics import lm_loss, per_item, score
+from loramoe.router_analysis import gate_shares, group_share, save_gate_shares
+from loramoe.serialization import load_adapter
+from loramoe.suites import load_suite
+from loramoe.suites.base import Benchmark, PromptStyle
+
+CORRECT = {"qa": "contains", "translation": "em", "accuracy": "accuracy"}
+"""The per-item score that counts an answer as right, for knowledge_change."""
+
+
+def _score_benchmark(model, tokenizer, bench: Benchmark, *, style: PromptStyle, batch_size: int,
+                     max_new_tokens: int, max_length: int, base: bool) -> dict[str, Any]:
+    context = disabled_adapters(model) if base else nullcontext()
+    with context:
+        if bench.metric == "lm_loss":
+            return {"scores": lm_loss(model, tokenizer, [e.prompt for e in bench.test], batch_size=batch_size,
+                                      max_length=max_length)}
+        predictions = generate(model, tokenizer, bench.test, style=style, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size)
+    items = [{"id": e.id, "prompt": e.completion if style == "completion" and e.completion else e.prompt,
+              "answers": list(e.answers), "prediction": p, **per_item(bench.metric, p, e)}
+             for e, p in zip(bench.test, predictions)]
+    return {"scores": score(bench.metric, predictions, bench.test), "items": items}
+
+
+def evaluate(
+    model: str = "smollm2-135m",
+    adapter: Path | None = None,
+    suite: str = "knowledge,tasks,lm-loss",
+    vs_base: bool = False,
+    base_model: str | None = None,
+    output: Path = Path("runs/eval"),
+    limit: int | None = 200,
+    prompt_style: PromptStyle | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 24,
+    max_length: int = 256,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a model on built-in benchmark suites and write eval.json and eval.md to ``output``.
+
+    Args:
+        model: ``smollm2-135m`` (embedded), a local folder (a fully fine-tuned run) or a hub id.
+        adapter: a saved adapter folder to attach (a ``loramoe train`` output folder).
+        suite: comma-separated suites: ``knowledge``, ``tasks``, ``lm-loss``.
+        vs_base: also score the base model on the same items and report what changed.
+        base_model: the base model for ``--vs-base`` on a fully fine-tuned model (adapters are
+            switched off instead).
+        output: folder for eval.json, eval.md and the router heatmap.
+        limit: test items per benchmark at most (None: all).
+        prompt_style: ``completion`` or ``chat`` for every benchmark (default: each benchmark's own).
+        batch_size: prompts per generation batch.
+        max_new_tokens: longest generated answer.
+        max_length: longest text for the language-model loss, in tokens.
+        seed: seed of the train/test split.
+        trust_remote_code: allow a hub model's own code to run.
+    """
+    started = time.time()
+    torch.manual_seed(seed)
+    tuned, tokenizer = models.load(model, trust_remote_code=trust_remote_code)
+    if adapter is not None:
+        load_adapter(tuned, adapter)
+    reference = None
+    if vs_base and adapter_config(tuned) is None:
+        if base_model is None:
+            raise ValueError("--vs-base on a model without an adapter needs --base-model")
+        reference, _ = models.load(base_model, trust_remote_code=trust_remote_code)
+    tuned.eval()
+
+    benchmarks = [b for name in suite.split(",") if name.strip() for b in load_suite(name.strip(), limit=limit,
+                                                                                       seed=seed)]
+    results: dict[str, Any] = {"model": model, "adapter": str(adapter) if adapter else None, "suite": suite,
+                               "benchmarks": {}}
+    for bench in benchmarks:
+        style = prompt_style or bench.prompt_style
+        settings = dict(style=style, batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length)
+        entry = {"type": bench.type, "metric": bench.metric, "prompt_style": style, "test_items": len(bench.test),
+                 **_score_benchmark(tuned, tokenizer, bench, base=False, **settings)}
+        if vs_base:
+            if bench.metric == "lm_loss":
+                texts = [e.prompt for e in bench.test]
+                entry["forgetting"] = distribution_shift(tuned, tokenizer, texts, base_model=reference,
+                                                         batch_size=batch_size, max_length=max_length)
+            else:
+                base_entry = (_score_benchmark(reference, tokenizer, bench, base=False, **settings) if reference
+                              else _score_benchmark(tuned, tokenizer, bench, base=True, **settings))
+                entry["base_scores"] = base_entry["scores"]
+                key = CORRECT.get(bench.metric)
+                if key:
+                    entry["change"] = knowledge_change({i["id"]: i[key] > 0 for i in base_entry["items"]},
+                                                       {i["id"]: i[key] > 0 for i in entry["items"]})
+                for item, base_item in zip(entry["items"], base_entry["items"]):
+                    item["base_prediction"] = base_item["prediction"]
+        results["benchmarks"][bench.name] = entry
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    config = adapter_config(tuned)
+    if config is not None:
+        results["drift"] = summarize_drift(parameter_drift(tuned))
+    elif reference is not None:
+        results["drift"] = summarize_drift(parameter_drift(tuned, reference.state_dict()))
+    if isinstance(config, LoraMoEConfig):
+        prompts = {b.name: [e.prompt for e in b.test] for b in benchmarks}
+        router = gate_shares(tuned, tokenizer, prompts, batch_size=batch_size, max_length=max_length)
+        save_gate_shares(router, output)
+        results["router"] = {name: group_share(router, name) for name in prompts}
+    results["seconds"] = round(time.time() - started, 1)
+    atomic_write_text(output / "eval.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(output / "eval.md", render_markdown(results))
+    return results
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The tables of eval.md: one row per benchmark, base and change columns with --vs-base."""
+    lines = [f"# Evaluation of {results['model']}" + (f" + {results['adapter']}" if results["adapter"] else ""), ""]
+    rows: list[Sequence[str]] = []
+    for name, entry in results["benchmarks"].items():
+        for metric, value in entry["scores"].items():
+            if metric == "tokens":
+                continue
+            base = entry.get("base_scores", {}).get(metric)
+            forgetting = entry.get("forgetting", {})
+            if metric in ("cross_entropy", "ce") and forgetting:
+                base = forgetting.get("base_lm_loss")
+            delta = "" if base is None or not isinstance(value, float) else _fmt(value - base)
+            rows.append((name, entry["prompt_style"], metric, _fmt(value), "" if base is None else _fmt(base),
+                         delta, str(entry["test_items"])))
+    lines += ["| benchmark | style | metric | score | base | change | items |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    changes = {n: e["change"] for n, e in results["benchmarks"].items() if "change" in e}
+    if changes:
+        lines += ["", "## Facts lost and gained against the base model", "",
+                  "| benchmark | base acc | tuned acc | lost | gained |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {n} | {_fmt(c['base_accuracy'])} | {_fmt(c['tuned_accuracy'])} | {len(c['lost'])} | "
+                  f"{len(c['gained'])} |" for n, c in changes.items()]
+    shifts = {n: e["forgetting"] for n, e in results["benchmarks"].items() if "forgetting" in e}
+    if shifts:
+        lines += ["", "## Forgetting on general text (arXiv 2401.05605)", "",
+                  "| benchmark | CE vs base dist. | base entropy | KL | top-1 CE | LM loss increase |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {n} | {_fmt(s['forgetting_ce'])} | {_fmt(s['base_entropy'])} | {_fmt(s['kl'])} | "
+                  f"{_fmt(s['top1_ce'])} | {_fmt(s['lm_loss_increase'])} |" for n, s in shifts.items()]
+    if "drift" in results:
+        lines += ["", "## Relative parameter drift ||W - W0|| / ||W0||", "",
+                  "| module | drift |", "| --- | --- |"]
+        lines += [f"| {m} | {d:.4f} |" for m, d in results["drift"].items()]
+    if "router" in results:
+        lines += ["", "## Gate share per expert group (router.png per layer)", ""]
+        groups = list(next(iter(results["router"].values())))
+        lines += ["| benchmark | " + " | ".join(groups) + " |", "| --- |" + " --- |" * len(groups)]
+        lines += [f"| {n} | " + " | ".join(_fmt(s[g]) for g in groups) + " |" for n, s in results["router"].items()]
+    lines += ["", f"{results['seconds']} s"]
+    return "\n".join(lines) + "\n"
