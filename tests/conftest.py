@@ -25,6 +25,15 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
+@pytest.fixture
+def one_thread():
+    """A tiny model gains nothing from threads, and on a busy machine they cost tenfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=sorted(BUILDERS))
 def tiny_model(request):
     return BUILDERS[request.param]()

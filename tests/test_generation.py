@@ -20,14 +20,7 @@ WORDS = [f"w{i}" for i in range(20, 96)]  # no word starts with "w1": the EOS to
 EXAMPLES = [Example(str(n), " ".join(WORDS[3 * n:4 * n + 1])) for n in range(1, 12)]  # 2 to 12 words
 MAX_NEW = 8
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A tiny model gains nothing from threads, and on a busy machine they cost tenfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def relabelled_tokenizer(strings: dict[int, str]) -> PreTrainedTokenizerFast:

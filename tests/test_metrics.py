@@ -139,15 +139,6 @@ def test_score_rejects_what_it_cannot_score():
 TEXTS = ["w5 w6 w7 w8 w9 w22 w23 w24 w25", "w20 w21", "w30 w31 w32 w33 w34", "w40 w41 w42 w43 w44 w45 w46"]
 
 
-@pytest.fixture
-def one_thread():
-    """A tiny model gains nothing from threads, and on a busy machine they cost tenfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def manual_loss(model, tokenizer, texts: list[str], max_length: int) -> tuple[float, int]:
     """Sum of -log p(next token) over each text on its own, no padding anywhere."""
     total, count = 0.0, 0
