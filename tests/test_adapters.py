@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import loramoe
-from loramoe import LoraConfig, LoraMoEConfig, MergeError
+from loramoe import LoraConfig, LoraMoEConfig, MergeError, TiedLoraConfig
 from loramoe.adapters import LoraMoELinear
 from tests.conftest import BUILDERS, random_batch
 from tests.reference import loramoe_delta_loop
@@ -16,8 +16,11 @@ from tests.reference import loramoe_delta_loop
 CASES = {
     "lora": LoraConfig(r=4, alpha=8, dropout=0.0),
     "loramoe": LoraMoEConfig(num_experts=4, r=2, alpha=4, dropout=0.0),
+    "tied-lora-TL5": TiedLoraConfig(r=4, preset="TL5"),
+    "tied-lora-TL6": TiedLoraConfig(r=4, alpha=8, preset="TL6"),
+    "tied-lora-vera": TiedLoraConfig(r=4, preset="vera"),
 }
-MERGEABLE = {"lora"}
+MERGEABLE = {"lora", "tied-lora-TL5", "tied-lora-TL6", "tied-lora-vera"}
 
 
 def _logits(model, batch):
@@ -34,15 +37,25 @@ def _train_step(model, batch, lr=1e-2):
     model.eval()
 
 
-def _expected_count(model, config) -> int:
-    total = 0
+def _expected_count(model, config) -> tuple[int, int]:
+    """(trainable, all) parameters the adapter adds. Tied LoRA: A and B once per module name
+    (``mlp.up_proj``), trained or frozen; u and v in every layer, only when trained."""
+    trainable = frozen = 0
+    tied_names = set()
     for path in loramoe.targets.find_targets(model, config.target_modules):
         d_in, d_out = loramoe.adapters.base.layer_shape(model.get_submodule(path))
         if config.method == "lora":
-            total += config.r * (d_in + d_out)
+            trainable += config.r * (d_in + d_out)
+        elif config.method == "loramoe":
+            trainable += config.num_experts * (config.r * (d_in + d_out) + d_in)
         else:
-            total += config.num_experts * (config.r * (d_in + d_out) + d_in)
-    return total
+            name = ".".join(path.split(".")[-2:])
+            if name not in tied_names:
+                tied_names.add(name)
+                for on, size in ((config.train_A, config.r * d_in), (config.train_B, config.r * d_out)):
+                    trainable, frozen = (trainable + size, frozen) if on else (trainable, frozen + size)
+            trainable += config.train_u * config.r + config.train_v * d_out
+    return trainable, trainable + frozen
 
 
 @pytest.fixture(params=sorted(BUILDERS))
@@ -77,26 +90,28 @@ def test_only_adapter_parameters_change_after_a_step(arch, kind):
     base_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     before = _logits(model, batch)
     loramoe.attach(model, CASES[kind])
+    attached = {n: p.detach().clone() for n, p in model.named_parameters()}
     _train_step(model, batch)
     assert not torch.allclose(_logits(model, batch), before)
     for name, param in model.named_parameters():
         base_name = name.replace(".base_layer", "")
         if param.requires_grad:
             assert base_name not in base_before, f"{name} is a base parameter but trainable"
-        else:
-            assert torch.equal(param, base_before[base_name]), name
+        else:  # base weights, and frozen adapter tensors (Tied LoRA's random A, B)
+            assert torch.equal(param, attached[name]), name
+            assert base_name not in base_before or torch.equal(param, base_before[base_name]), name
 
 
 def test_exact_trainable_parameter_count(arch, kind):
     model = BUILDERS[arch]()
     total = sum(p.numel() for p in model.parameters())
     config = CASES[kind]
-    expected = _expected_count(model, config)
+    expected, added = _expected_count(model, config)
     loramoe.attach(model, config)
     count = loramoe.trainable_parameters(model)
     assert count.trainable == expected
-    assert count.total == total + expected
-    assert f"trainable params: {expected:,d} || all params: {total + expected:,d}" in str(count)
+    assert count.total == total + added
+    assert f"trainable params: {expected:,d} || all params: {total + added:,d}" in str(count)
 
 
 def test_save_load_round_trip_is_bit_exact(arch, kind, tmp_path):

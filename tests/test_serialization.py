@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loramoe
-from loramoe import AdapterLoadError, LoraConfig, LoraMoEConfig
+from loramoe import AdapterLoadError, LoraConfig, LoraMoEConfig, TiedLoraConfig
 from loramoe.serialization import CONFIG_NAME, WEIGHTS_NAME
 from tests.conftest import tiny_gpt2, tiny_llama, random_batch
 
@@ -118,6 +118,50 @@ def test_load_errors_name_the_problem_and_leave_the_model_alone(saved_loramoe, c
         loramoe.load_adapter(model, saved_loramoe)
     assert [type(m) for m in model.modules()] == modules_before
     assert loramoe.adapter_config(model) is None
+
+
+@pytest.fixture
+def saved_tied(tmp_path):
+    model = _trained(tiny_llama(), TiedLoraConfig(r=4, preset="TL6"))
+    loramoe.save_adapter(model, tmp_path)
+    return tmp_path
+
+
+SHARED_KEY = "tied.mlp.up_proj.lora_A"
+
+
+@pytest.mark.parametrize("corrupt,message", [
+    (lambda f: _edit_config(f, lambda d: d["config"].update(train_u=False)),
+     "field 'config': train_u=False contradicts preset 'TL6'"),
+    (lambda f: _edit_config(f, lambda d: d["config"].update(preset=None, train_A=False, train_B=False,
+                                                              train_u=False, train_v=False)), "trains nothing"),
+    (lambda f: _edit_weights(f, lambda t: t.pop(SHARED_KEY)), f"missing key '{SHARED_KEY}'"),
+    (lambda f: _edit_weights(f, lambda t: t.pop("model.layers.1.mlp.up_proj.lora_v")),
+     "missing key 'model.layers.1.mlp.up_proj.lora_v'"),
+    (lambda f: _edit_weights(f, lambda t: t.update({"model.layers.0.mlp.up_proj.lora_A": torch.zeros(4, 32)})),
+     "unexpected key 'model.layers.0.mlp.up_proj.lora_A'"),
+    (lambda f: _edit_weights(f, lambda t: t.update({SHARED_KEY: torch.zeros(5, 32)})),
+     rf"key '{SHARED_KEY}' has shape \[5, 32\], the model expects \[4, 32\]"),
+])
+def test_tied_lora_load_errors_name_the_problem_and_leave_the_model_alone(saved_tied, corrupt, message):
+    corrupt(saved_tied)
+    model = tiny_llama()
+    modules_before = [type(m) for m in model.modules()]
+    with pytest.raises(AdapterLoadError, match=message):
+        loramoe.load_adapter(model, saved_tied)
+    assert [type(m) for m in model.modules()] == modules_before
+    assert loramoe.adapter_config(model) is None
+
+
+def test_tied_lora_loads_into_the_same_switches_only(saved_tied):
+    same = loramoe.attach(tiny_llama(), TiedLoraConfig(r=4, train_A=True, train_B=True, train_u=True,
+                                                       train_v=True))
+    loramoe.load_adapter(same, saved_tied)  # no preset, the same switches
+    saved = load_file(saved_tied / WEIGHTS_NAME)
+    assert torch.equal(same.model.layers[1].mlp.up_proj.lora_B, saved["tied.mlp.up_proj.lora_B"])
+    other = loramoe.attach(tiny_llama(), TiedLoraConfig(r=4, preset="TL5"))
+    with pytest.raises(AdapterLoadError, match=r"config.train_u': saved True, attached adapter has False"):
+        loramoe.load_adapter(other, saved_tied)
 
 
 def test_loading_into_a_different_attached_adapter_is_an_error(saved_loramoe):

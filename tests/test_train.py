@@ -213,3 +213,15 @@ def test_the_balancing_constraint_separates_the_groups_by_type(tiny_model_dir, t
         gaps[beta] = (share_knowledge_group[types == 0].mean() - share_knowledge_group[types == 1].mean()).abs().item()
     print(f"knowledge-group share gap between types: beta=0 {gaps[0.0]:.4f}, beta=1 {gaps[1.0]:.4f}")
     assert gaps[1.0] > 2 * gaps[0.0] and gaps[1.0] > 0.01
+
+
+def test_cli_list_flags_take_several_values(tiny_model_dir, data_file, tmp_path):
+    second = tmp_path / "more.jsonl"
+    second.write_text(json.dumps({"instruction": "w3", "output": "w4", "type": "task"}) + "\n")
+    cli_main(["train", "--model", tiny_model_dir, "--data", data_file, str(second), "--method", "lora",
+              "--target-modules", "gate_proj", "up_proj", "--max-steps", "1", "--batch-size", "4",
+              "--output", str(tmp_path / "run")])
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["records"] == 17
+    assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["loramoe"]["config"][
+        "target_modules"] == ["gate_proj", "up_proj"]

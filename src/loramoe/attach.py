@@ -37,7 +37,7 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
 
 def attach(model: M, config: AdapterConfig) -> M:
     """Wrap the target modules of ``model`` with ``config``'s adapter, in place, and freeze
-    everything but the adapter. Returns the same model."""
+    everything but the adapter's trainable tensors. Returns the same model."""
     _require_no_adapter(model)
     return attach_paths(model, config, find_targets(model, config.target_modules))
 
@@ -48,12 +48,13 @@ def attach_paths(model: M, config: AdapterConfig, paths: list[str]) -> M:
     layer_class = LAYER_CLASSES.get(config.method)
     if layer_class is None:
         raise ValueError(f"unknown adapter method {config.method!r}; known: {sorted(LAYER_CLASSES)}")
+    bases = {path: model.get_submodule(path) for path in paths}
+    layers = layer_class.build_layers(bases, config)  # may refuse the targets: before the model changes
     setattr(model, _REQUIRES_GRAD_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
-    model.requires_grad_(False)
-    for path in paths:
+    model.requires_grad_(False)  # the new layers are not in the model yet: their tensors keep requires_grad
+    for path, layer in layers.items():
         parent, name = _parent(model, path)
-        base = getattr(parent, name)
-        setattr(parent, name, layer_class(base, config).train(base.training))  # keep eval mode (dropout off)
+        setattr(parent, name, layer.train(bases[path].training))  # keep eval mode (dropout off)
     setattr(model, _CONFIG_ATTR, config)
     return model
 

@@ -1,10 +1,12 @@
 """The ``loramoe`` command: each subcommand is a typed function; jsonargparse turns its signature
 and docstring into flags and help, and reads the same keys from a YAML/JSON ``--config`` file.
 
-Flags and config keys are accepted in both spellings, ``--max-steps`` and ``--max_steps``."""
+Flags and config keys are accepted in both spellings, ``--max-steps`` and ``--max_steps``, and
+list flags take their values one after another (``--data a.jsonl b.csv``)."""
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from typing import Any
@@ -29,8 +31,28 @@ def _load_config(text: str) -> Any:
     return _underscored(yaml.safe_load(text))
 
 
+LIST_FLAGS = {"--data", "--target_modules"}
+"""Flags that take several values, written the usual way: ``--data a.jsonl b.csv``."""
+
+
 def _normalise_flags(argv: list[str]) -> list[str]:
-    return [f"--{m.group(1).replace('-', '_')}{m.group(2) or ''}" if (m := _FLAG.match(a)) else a for a in argv]
+    """Dashed flags to jsonargparse's underscored ones, and ``--data a b`` to ``--data '["a","b"]'``."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        flag = f"--{m.group(1).replace('-', '_')}{m.group(2) or ''}" if (m := _FLAG.match(arg)) else arg
+        i += 1
+        if flag in LIST_FLAGS:
+            values = []
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+            already_a_list = len(values) == 1 and values[0].lstrip().startswith("[")
+            out += [flag, values[0] if already_a_list else json.dumps(values)]
+            continue
+        out.append(flag)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

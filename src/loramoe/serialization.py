@@ -1,7 +1,8 @@
 """Saving and loading adapters: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 The format is a public contract, described in docs/format.md. LoRA is written in PEFT's own
-format so ``peft.PeftModel.from_pretrained`` loads it. Loading validates everything (method,
+format so ``peft.PeftModel.from_pretrained`` loads it; Tied LoRA writes each shared tensor once.
+Loading validates everything (method,
 config, target modules, every key and shape) before it touches the model, and reads only
 safetensors, never pickle.
 """
@@ -21,14 +22,16 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from loramoe.adapters import LAYER_CLASSES, AdapterConfig, LoraConfig
+from loramoe.adapters import LAYER_CLASSES, AdapterConfig, LoraConfig, TiedLoraConfig
 from loramoe.adapters.base import SUPPORTED_BASE_LAYERS, layer_shape
+from loramoe.adapters.tied_lora import tie_name
 from loramoe.attach import adapter_config, adapter_layers, attach_paths
 from loramoe.fileio import atomic_write, atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
+_TIED_PREFIX = "tied."
 _BASE_MODEL_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                       "vocab_size", "n_embd", "n_inner", "n_layer")
 
@@ -40,9 +43,12 @@ class AdapterLoadError(ValueError):
 
 
 def disk_key(method: str, path: str, local_key: str) -> str:
-    """The safetensors key of one adapter tensor of the module at ``path``."""
+    """The safetensors key of one adapter tensor of the module at ``path``. Tensors that several
+    modules share have one key, so they are written once."""
     if method == LoraConfig.method:  # PEFT's layout: lora_A/lora_B are nn.Linear submodules there
         return f"{_PEFT_PREFIX}{path}.{local_key}.weight"
+    if method == TiedLoraConfig.method and local_key in ("lora_A", "lora_B"):
+        return f"{_TIED_PREFIX}{tie_name(path)}.{local_key}"
     return f"{path}.{local_key}"
 
 
@@ -61,11 +67,18 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     config = adapter_config(model)
     if config is None:
         raise ValueError("model has no loramoe adapter to save")
+    tensors = {disk_key(config.method, path, key): value.detach().contiguous().cpu()
+               for path, layer in adapter_layers(model) for key, value in layer.adapter_state().items()}
+    return write_adapter_folder(model, directory, config, tensors)
+
+
+def write_adapter_folder(model: nn.Module, directory: str | os.PathLike, config: AdapterConfig,
+                         tensors: dict[str, torch.Tensor]) -> Path:
+    """Write ``tensors`` (by disk key) as an adapter of ``config`` on the modules of ``model``'s
+    attached adapter, each file replaced atomically."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     layers = list(adapter_layers(model))
-    tensors = {disk_key(config.method, path, key): value.detach().contiguous().cpu()
-               for path, layer in layers for key, value in layer.adapter_state().items()}
     paths = [path for path, _ in layers]
     block = {"method": config.method, "loramoe_version": version("loramoe"),
              "config": dataclasses.asdict(config), "target_paths": paths,
@@ -159,8 +172,13 @@ def load_adapter(model: M, directory: str | os.PathLike) -> M:
                                        "not a linear layer")
         shapes = {p: layer_shape(modules[p]) for p in paths}
     layer_class = LAYER_CLASSES[config.method]
-    expected = {disk_key(config.method, p, key): shape for p in paths
-                for key, shape in layer_class.parameter_shapes(*shapes[p], config).items()}
+    expected: dict[str, tuple[int, ...]] = {}
+    for p in paths:
+        for local_key, shape in layer_class.parameter_shapes(*shapes[p], config).items():
+            key = disk_key(config.method, p, local_key)
+            if expected.setdefault(key, shape) != shape:  # one tensor shared by modules of different shapes
+                raise AdapterLoadError(f"{config_file}: key '{key}' is shared by modules that need shapes "
+                                       f"{list(expected[key])} and {list(shape)} ('{p}' needs the second)")
     tensors = _read_checked(weights_file, expected)
     if current is None:
         attach_paths(model, config, paths)
@@ -176,7 +194,8 @@ def _check_same_config(current: AdapterConfig, saved: AdapterConfig, file: Path)
         raise AdapterLoadError(f"{file}: field 'method': the file holds a {saved.method} adapter, "
                                f"the model has a {current.method} adapter attached")
     for f in dataclasses.fields(current):
-        if f.name in ("dropout", "target_modules"):  # dropout doesn't affect weights; targets checked by path
+        # dropout doesn't affect weights; targets are checked by path; a preset by the switches it sets
+        if f.name in ("dropout", "target_modules", "preset"):
             continue
         a, b = getattr(current, f.name), getattr(saved, f.name)
         if a != b:

@@ -1,4 +1,4 @@
-"""``loramoe train``: fine-tune a causal LM with LoRAMoE, LoRA or fully, on instruction data.
+"""``loramoe train``: fine-tune a causal LM with LoRAMoE, LoRA, Tied LoRA or fully, on instruction data.
 
 The same function backs the command line (flags = parameters, a ``--config`` YAML/JSON file
 with the same keys) and Python. The output folder holds the final adapter (or the full model
@@ -23,7 +23,7 @@ import yaml
 from transformers import TrainingArguments
 
 from loramoe import models
-from loramoe.adapters import LoraConfig, LoraMoEConfig
+from loramoe.adapters import AdapterConfig, LoraConfig, LoraMoEConfig, TiedLoraConfig
 from loramoe.attach import attach, trainable_parameters
 from loramoe.fileio import atomic_write_text
 from loramoe.data import DataCollator, read_records, tokenize_records
@@ -32,7 +32,7 @@ from loramoe.trainer import LoraMoETrainer, TensorBoardLogs, complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["loramoe", "lora", "full"]
+Method = Literal["loramoe", "lora", "tied-lora", "full"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
@@ -47,11 +47,13 @@ def _precision(precision: Precision) -> dict[str, bool]:
 
 def _adapter_config(method: Method, rank: int | None, alpha: float | None, dropout: float | None,
                     target_modules: list[str] | None, num_experts: int | None, groups: dict[str, int] | None,
-                    balance_delta: float, balance_weight: float) -> LoraConfig | LoraMoEConfig | None:
+                    balance_delta: float, balance_weight: float, preset: str) -> AdapterConfig | None:
     given = {k: v for k, v in dict(r=rank, alpha=alpha, dropout=dropout, target_modules=target_modules).items()
              if v is not None}
     if method == "lora":
         return LoraConfig(**given)
+    if method == "tied-lora":
+        return TiedLoraConfig(**given, preset=preset)
     if method == "loramoe":
         return LoraMoEConfig(**given, num_experts=num_experts, groups=groups, balance_delta=balance_delta,
                              balance_weight=balance_weight)
@@ -67,6 +69,7 @@ def train(
     alpha: float | None = None,
     dropout: float | None = None,
     target_modules: list[str] | None = None,
+    preset: str = "TL6",
     num_experts: int | None = None,
     groups: dict[str, int] | None = None,
     balance_delta: float = 0.1,
@@ -97,12 +100,14 @@ def train(
     Args:
         data: training files (JSONL, JSON, CSV, Parquet) in the documented record format.
         model: ``smollm2-135m`` (embedded), a local folder or a Hugging Face hub id.
-        method: ``loramoe``, ``lora`` or ``full`` fine-tuning.
+        method: ``loramoe``, ``lora``, ``tied-lora`` or ``full`` fine-tuning.
         output: run folder (final adapter or model, config, summary, checkpoints, logs).
-        rank: adapter rank (LoRA default 8; LoRAMoE per expert, default 4).
-        alpha: adapter scale numerator (LoRA default 16, LoRAMoE 32).
+        rank: adapter rank (LoRA and Tied LoRA default 8; LoRAMoE per expert, default 4).
+        alpha: adapter scale numerator (LoRA default 16, LoRAMoE 32, Tied LoRA the rank).
         dropout: adapter input dropout (LoRA default 0, LoRAMoE 0.05).
         target_modules: module names or a regex; default the model's MLP projections.
+        preset: what Tied LoRA trains: TL6 (tied A, B and per-layer u, v), TL5 (tied A, B), vera
+            (u, v over frozen random A, B), or the trained tensors' letters such as Buv.
         num_experts: LoRAMoE experts per projection (default: the sum of groups).
         groups: LoRAMoE expert groups by sample type, e.g. {knowledge: 3, task: 3} (the default).
         balance_delta: delta of the localized balancing constraint.
@@ -153,7 +158,7 @@ def train(
         load_adapter(base, init_adapter)
     else:
         config = _adapter_config(method, rank, alpha, dropout, target_modules, num_experts, groups,
-                                 balance_delta, balance_weight)
+                                 balance_delta, balance_weight, preset)
         if config is not None:
             attach(base, config)
     if isinstance(config, LoraMoEConfig) and config.groups is not None:

@@ -3,11 +3,13 @@
 from loramoe.adapters.base import AdapterConfig, AdapterLayer, MergeError
 from loramoe.adapters.lora import LoraConfig, LoraLinear
 from loramoe.adapters.loramoe import LoraMoEConfig, LoraMoELinear
+from loramoe.adapters.tied_lora import TiedLoraConfig, TiedLoraLinear
 
 LAYER_CLASSES: dict[str, type[AdapterLayer]] = {
     LoraConfig.method: LoraLinear,
     LoraMoEConfig.method: LoraMoELinear,
+    TiedLoraConfig.method: TiedLoraLinear,
 }
 
 __all__ = ["AdapterConfig", "AdapterLayer", "MergeError", "LoraConfig", "LoraLinear",
-           "LoraMoEConfig", "LoraMoELinear", "LAYER_CLASSES"]
+           "LoraMoEConfig", "LoraMoELinear", "TiedLoraConfig", "TiedLoraLinear", "LAYER_CLASSES"]

@@ -73,6 +73,12 @@ class AdapterLayer(nn.Module):
         self.disabled = False
         self._unmerged_weight: Tensor | None = None
 
+    @classmethod
+    def build_layers(cls, bases: dict[str, nn.Module], config: AdapterConfig) -> dict[str, AdapterLayer]:
+        """One adapter layer per base layer, by module path. Kinds whose layers share tensors
+        (Tied LoRA) override this to create the shared tensors once for a group of paths."""
+        return {path: cls(base, config) for path, base in bases.items()}
+
     @staticmethod
     def parameter_dtype(base_layer: nn.Module, config: AdapterConfig) -> torch.dtype:
         return getattr(torch, config.dtype) if config.dtype else base_layer.weight.dtype
