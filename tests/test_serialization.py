@@ -88,6 +88,16 @@ def _edit_weights(folder, edit):
     save_file(tensors, folder / WEIGHTS_NAME)
 
 
+def _assert_load_fails_and_leaves_the_model_alone(folder, corrupt, message):
+    corrupt(folder)
+    model = tiny_llama()
+    modules_before = [type(m) for m in model.modules()]
+    with pytest.raises(AdapterLoadError, match=message):
+        loramoe.load_adapter(model, folder)
+    assert [type(m) for m in model.modules()] == modules_before
+    assert loramoe.adapter_config(model) is None
+
+
 KEY = "model.layers.0.mlp.up_proj.lora_A"
 
 
@@ -111,13 +121,7 @@ KEY = "model.layers.0.mlp.up_proj.lora_A"
     (lambda f: (f / WEIGHTS_NAME).write_bytes(b"\x10\x00garbage"), "not a readable safetensors file"),
 ])
 def test_load_errors_name_the_problem_and_leave_the_model_alone(saved_loramoe, corrupt, message):
-    corrupt(saved_loramoe)
-    model = tiny_llama()
-    modules_before = [type(m) for m in model.modules()]
-    with pytest.raises(AdapterLoadError, match=message):
-        loramoe.load_adapter(model, saved_loramoe)
-    assert [type(m) for m in model.modules()] == modules_before
-    assert loramoe.adapter_config(model) is None
+    _assert_load_fails_and_leaves_the_model_alone(saved_loramoe, corrupt, message)
 
 
 @pytest.fixture
@@ -144,13 +148,7 @@ SHARED_KEY = "tied.mlp.up_proj.lora_A"
      rf"key '{SHARED_KEY}' has shape \[5, 32\], the model expects \[4, 32\]"),
 ])
 def test_tied_lora_load_errors_name_the_problem_and_leave_the_model_alone(saved_tied, corrupt, message):
-    corrupt(saved_tied)
-    model = tiny_llama()
-    modules_before = [type(m) for m in model.modules()]
-    with pytest.raises(AdapterLoadError, match=message):
-        loramoe.load_adapter(model, saved_tied)
-    assert [type(m) for m in model.modules()] == modules_before
-    assert loramoe.adapter_config(model) is None
+    _assert_load_fails_and_leaves_the_model_alone(saved_tied, corrupt, message)
 
 
 def test_tied_lora_loads_into_the_same_switches_only(saved_tied):

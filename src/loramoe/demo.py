@@ -19,8 +19,10 @@ from loramoe import models
 from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import attach, disabled_adapters, trainable_parameters
 from loramoe.data import DataCollator, encode_prompt, read_records, tokenize_records
+from loramoe.generation import generate
 from loramoe.routing import capture_routing
 from loramoe.serialization import load_adapter, save_adapter
+from loramoe.suites.base import Example
 from loramoe.trainer import LoraMoETrainer
 
 EXAMPLES = Path(__file__).parent / "examples" / "mini_instructions.jsonl"
@@ -36,12 +38,8 @@ def _prompt_batch(tokenizer: PreTrainedTokenizerBase, prompts: list[str]):
 
 
 def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    tokenizer.padding_side = "left"
-    batch = _prompt_batch(tokenizer, prompts).to(model.device)
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return [tokenizer.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
+    examples = [Example(id=str(i), prompt=p) for i, p in enumerate(prompts)]
+    return generate(model, tokenizer, examples, style="chat", max_new_tokens=max_new_tokens, progress=False)
 
 
 def run_demo(model: str = "smollm2-135m", steps: int = 12, lr: float = 3e-4, batch_size: int = 4,

@@ -141,13 +141,15 @@ def train(
     started = time.time()
     output = Path(output)
     checkpoints = output / "checkpoints"
+    last_checkpoint = None
     if resume:
         removed = remove_incomplete_checkpoints(checkpoints)
         if removed:
             logger.warning("removed %d incomplete checkpoint(s): %s", len(removed), [p.name for p in removed])
-    last_checkpoint = complete_checkpoints(checkpoints)[-1] if resume and complete_checkpoints(checkpoints) else None
-    if resume and last_checkpoint is None:
-        logger.warning("--resume: no complete checkpoint in %s, starting from scratch", checkpoints)
+        done = complete_checkpoints(checkpoints)
+        last_checkpoint = done[-1] if done else None
+        if last_checkpoint is None:
+            logger.warning("--resume: no complete checkpoint in %s, starting from scratch", checkpoints)
 
     torch.manual_seed(seed)  # the adapter's initialisation
     base, tokenizer = models.load(model, trust_remote_code=trust_remote_code)
