@@ -70,3 +70,20 @@ def test_train_on_the_embedded_model_with_the_builtin_typed_data(tmp_path):
     model, _ = models.load("smollm2-135m")
     loramoe.load_adapter(model, tmp_path)
     assert loramoe.adapter_config(model).groups == {"knowledge": 3, "task": 3}
+
+
+def test_quick_lab_end_to_end(tmp_path):
+    """What CI runs of the README's main job: `loramoe lab --quick` on the real model, every number of
+    its report from results.json."""
+    from loramoe.cli import main as cli_main
+    from loramoe.lab.config import load_config
+    from tests.lab_checks import check_report
+
+    cli_main(["lab", "--quick", "--output", str(tmp_path)])
+    results = check_report(tmp_path)
+    quick = load_config(profile="quick")
+    assert len(results["runs"]) == len(quick.variants) * len(quick.mix.sizes) + len(quick.sequential)
+    assert results["base"]["knowledge_questions"] > 20 and 5 < results["base"]["knowledge"] < 95
+    for row in results["runs"]:
+        assert row["train_steps"] > 0 and row["train_seconds"] > 0
+        assert row["kl_to_base"] > 0

@@ -50,5 +50,36 @@ def test_eval_cli_and_errors(tiny_run, tmp_path):
               "--output", str(tmp_path)])
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert list(saved["benchmarks"]) == ["text/wikipedia"] and "drift" not in saved
+    cli_main(["eval", "--model", str(tiny_run / "model"), "--adapter", str(tiny_run / "adapter"), "--suite", "lm-loss",
+              "--limit", "2", "--output", str(tmp_path), "--vs-base"])  # a bare switch
+    assert "forgetting" in json.loads((tmp_path / "eval.json").read_text())["benchmarks"]["text/wikipedia"]
     with pytest.raises(ValueError, match="--base-model"):
         evaluate(model=str(tiny_run / "model"), suite="lm-loss", vs_base=True, output=tmp_path, limit=2)
+
+
+def test_eval_against_a_saved_base_eval_on_items_the_training_data_does_not_give_away(tiny_run, tmp_path):
+    from loramoe.suites import load_benchmark
+
+    given_away = load_benchmark("knowledge/capital", limit=4).test[0]
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text(json.dumps({"instruction": given_away.prompt, "output": given_away.answers[0]}) + "\n")
+    settings = dict(suite="knowledge/capital,text/wikipedia", limit={"knowledge": 4, "lm-loss": 2},
+                    train_data=[str(train_file)], max_new_tokens=3, batch_size=4)
+    base = evaluate(model=str(tiny_run / "model"), output=tmp_path / "base", **settings)
+    capital = base["benchmarks"]["knowledge/capital"]
+    assert capital["overlap"]["removed"]["question"] == 1 and capital["test_items"] == 3
+    assert given_away.id not in [item["id"] for item in capital["items"]]
+    assert base["benchmarks"]["text/wikipedia"]["test_items"] == 2
+
+    tuned = evaluate(model=str(tiny_run / "model"), adapter=tiny_run / "adapter", base_eval=tmp_path / "base" / "eval.json",
+                     output=tmp_path / "tuned", **settings)
+    entry = tuned["benchmarks"]["knowledge/capital"]
+    assert entry["base_scores"] == capital["scores"] and "change" in entry
+    assert [i["base_prediction"] for i in entry["items"]] == [i["prediction"] for i in capital["items"]]
+    assert tuned["benchmarks"]["text/wikipedia"]["forgetting"]["kl"] > 0
+
+    with pytest.raises(ValueError, match="other test items"):
+        evaluate(model=str(tiny_run / "model"), adapter=tiny_run / "adapter", base_eval=tmp_path / "base" / "eval.json",
+                 output=tmp_path / "other", **{**settings, "limit": 2})
+    with pytest.raises(ValueError, match="unknown suites or benchmarks: knowlege"):
+        evaluate(model=str(tiny_run / "model"), suite="lm-loss", limit={"knowlege": 2}, output=tmp_path)

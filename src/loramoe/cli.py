@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import typing
 from typing import Any
 
 import yaml
@@ -16,6 +17,7 @@ from jsonargparse import auto_cli, set_loader
 
 from loramoe.demo import run_demo
 from loramoe.evaluate import evaluate
+from loramoe.lab import lab
 from loramoe.train import train
 
 _FLAG = re.compile(r"^--([a-z0-9]+(?:-[a-z0-9]+)+)(=.*)?$")
@@ -31,12 +33,17 @@ def _load_config(text: str) -> Any:
     return _underscored(yaml.safe_load(text))
 
 
-LIST_FLAGS = {"--data", "--target_modules"}
+COMMANDS = {"lab": lab, "demo": run_demo, "train": train, "eval": evaluate}
+LIST_FLAGS = {"--data", "--target_modules", "--train_data"}
 """Flags that take several values, written the usual way: ``--data a.jsonl b.csv``."""
+BOOL_FLAGS = {f"--{name}" for command in COMMANDS.values()
+              for name, kind in typing.get_type_hints(command).items() if kind is bool}
+"""Switches: ``--quick`` alone means ``--quick true`` (jsonargparse wants the value)."""
 
 
 def _normalise_flags(argv: list[str]) -> list[str]:
-    """Dashed flags to jsonargparse's underscored ones, and ``--data a b`` to ``--data '["a","b"]'``."""
+    """Dashed flags to jsonargparse's underscored ones, ``--data a b`` to ``--data '["a","b"]'`` and a
+    bare switch to ``--switch true``."""
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -52,13 +59,17 @@ def _normalise_flags(argv: list[str]) -> list[str]:
             out += [flag, values[0] if already_a_list else json.dumps(values)]
             continue
         out.append(flag)
+        if flag in BOOL_FLAGS and (i == len(argv) or argv[i].startswith("--")):
+            out.append("true")
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     set_loader("loramoe_yaml", _load_config)
     args = _normalise_flags(sys.argv[1:] if argv is None else argv)
-    auto_cli({"demo": run_demo, "train": train, "eval": evaluate}, args=args, as_positional=False, parser_mode="loramoe_yaml")
+    if args[:1] == ["lab"]:  # the lab's settings file is not a file of its flags (jsonargparse's --config)
+        args = [re.sub(r"^--config(?==|$)", "--lab_config", arg) for arg in args]
+    auto_cli(COMMANDS, args=args, as_positional=False, parser_mode="loramoe_yaml")
 
 
 if __name__ == "__main__":

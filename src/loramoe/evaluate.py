@@ -25,8 +25,10 @@ from loramoe.generation import generate
 from loramoe.metrics import lm_loss, per_item, score
 from loramoe.router_analysis import gate_shares, group_share, save_gate_shares
 from loramoe.serialization import load_adapter
-from loramoe.suites import load_suite
+from loramoe.data import read_records
+from loramoe.suites import filter_overlap, load_suite
 from loramoe.suites.base import Benchmark, PromptStyle
+from loramoe.suites.registry import benchmark_names, canonical_suite
 
 CORRECT = {"qa": "contains", "translation": "em", "accuracy": "accuracy"}
 """The per-item score that counts an answer as right, for knowledge_change."""
@@ -47,14 +49,85 @@ def _score_benchmark(model, tokenizer, bench: Benchmark, *, style: PromptStyle, 
     return {"scores": score(bench.metric, predictions, bench.test), "items": items}
 
 
+Limit = int | dict[str, int | None] | None
+
+
+def _limit_for(limit: Limit, name: str) -> int | None:
+    """A suite's or benchmark's limit: a mapping names suites or benchmarks (the benchmark wins)."""
+    if not isinstance(limit, dict):
+        return limit
+    if name in limit:
+        return limit[name]
+    suite = next((s for s in ("knowledge", "tasks", "lm-loss") if name in benchmark_names(s)), None)
+    return limit.get(suite) if suite else limit.get(canonical_suite(name))
+
+
+def load_benchmarks(suite: str, limit: Limit = None, seed: int = 0) -> list[Benchmark]:
+    """The benchmarks a comma-separated list of suites and benchmark names names, each capped by
+    its limit (an int for all, or a mapping from suite or benchmark name to a limit). Benchmarks of
+    one suite with one limit are built together: building a suite builds all of its benchmarks."""
+    names = [name.strip() for name in suite.split(",") if name.strip()]
+    if isinstance(limit, dict):
+        known = {*benchmark_names(), "knowledge", "tasks", "lm-loss"}
+        unknown = sorted(key for key in limit if key not in known)
+        if unknown:
+            raise ValueError(f"--limit names unknown suites or benchmarks: {', '.join(unknown)}")
+    built: dict[tuple[str, int | None], dict[str, Benchmark]] = {}
+    out = []
+    for name in names:
+        if name not in benchmark_names():
+            out += load_suite(name, limit=_limit_for(limit, name), seed=seed)
+            continue
+        home = next(s for s in ("knowledge", "tasks", "lm-loss") if name in benchmark_names(s))
+        key = (home, _limit_for(limit, name))
+        if key not in built:
+            built[key] = {b.name: b for b in load_suite(home, limit=key[1], seed=seed)}
+        out.append(built[key][name])
+    return out
+
+
+def _without_overlap(benchmarks: list[Benchmark], train_data: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Drops, in place, the test items the training files give away; returns the count per benchmark."""
+    records, _ = read_records(list(train_data))
+    reports = {}
+    for bench in benchmarks:
+        if bench.metric == "lm_loss":
+            continue
+        bench.test, report = filter_overlap(bench.test, records)
+        reports[bench.name] = {"total": report.total, "kept": report.kept, "removed": report.removed}
+    return reports
+
+
+def _read_base_eval(path: Path, benchmarks: list[Benchmark]) -> dict[str, Any]:
+    """The base model's entries of an earlier eval.json, checked to cover the very same test items."""
+    try:
+        saved = json.loads(Path(path).read_text())["benchmarks"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--base-eval {path}: not a readable eval.json ({error})") from error
+    for bench in benchmarks:
+        if bench.metric == "lm_loss":
+            continue
+        entry = saved.get(bench.name)
+        if entry is None or "items" not in entry:
+            raise ValueError(f"--base-eval {path}: no items for benchmark '{bench.name}'")
+        ids = [item["id"] for item in entry["items"]]
+        if ids != [e.id for e in bench.test]:
+            raise ValueError(f"--base-eval {path}: benchmark '{bench.name}' was scored on other test items "
+                             f"({len(ids)} there, {len(bench.test)} here); use the same suite, limit, seed "
+                             f"and training data")
+    return saved
+
+
 def evaluate(
     model: str = "smollm2-135m",
     adapter: Path | None = None,
     suite: str = "knowledge,tasks,lm-loss",
     vs_base: bool = False,
     base_model: str | None = None,
+    base_eval: Path | None = None,
+    train_data: list[str] | None = None,
     output: Path = Path("runs/eval"),
-    limit: int | None = 200,
+    limit: Limit = 200,
     prompt_style: PromptStyle | None = None,
     batch_size: int = 32,
     max_new_tokens: int = 16,
@@ -71,8 +144,12 @@ def evaluate(
         vs_base: also score the base model on the same items and report what changed.
         base_model: the base model for ``--vs-base`` on a fully fine-tuned model (adapters are
             switched off instead).
+        base_eval: an ``eval.json`` of the base model on the same items: the comparison (implies
+            ``--vs-base``) reads the base model's answers from it instead of generating them again.
+        train_data: training files; test items they give away are dropped first (``filter_overlap``).
         output: folder for eval.json, eval.md and the router heatmap.
-        limit: test items per benchmark at most (None: all).
+        limit: test items per benchmark at most (None: all), or a mapping from suite or benchmark
+            name to its limit, e.g. ``{knowledge: 40, tasks: 16}`` (others: all).
         prompt_style: ``completion`` or ``chat`` for every benchmark (default: each benchmark's own).
         batch_size: prompts per generation batch.
         max_new_tokens: longest generated answer.
@@ -86,29 +163,37 @@ def evaluate(
     if adapter is not None:
         load_adapter(tuned, adapter)
     reference = None
+    vs_base = vs_base or base_eval is not None
     if vs_base and adapter_config(tuned) is None:
         if base_model is None:
             raise ValueError("--vs-base on a model without an adapter needs --base-model")
         reference, _ = models.load(base_model, trust_remote_code=trust_remote_code)
     tuned.eval()
 
-    benchmarks = [b for name in suite.split(",") if name.strip() for b in load_suite(name.strip(), limit=limit,
-                                                                                       seed=seed)]
+    benchmarks = load_benchmarks(suite, limit, seed)
     results: dict[str, Any] = {"model": model, "adapter": str(adapter) if adapter else None, "suite": suite,
                                "benchmarks": {}}
+    overlap = _without_overlap(benchmarks, train_data) if train_data else {}
+    saved_base = _read_base_eval(base_eval, benchmarks) if base_eval is not None else None
     for bench in benchmarks:
         style = prompt_style or bench.prompt_style
         settings = dict(style=style, batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length)
         entry = {"type": bench.type, "metric": bench.metric, "prompt_style": style, "test_items": len(bench.test),
                  **_score_benchmark(tuned, tokenizer, bench, base=False, **settings)}
+        if bench.name in overlap:
+            entry["overlap"] = overlap[bench.name]
         if vs_base:
             if bench.metric == "lm_loss":
                 texts = [e.prompt for e in bench.test]
                 entry["forgetting"] = distribution_shift(tuned, tokenizer, texts, base_model=reference,
                                                          batch_size=batch_size, max_length=max_length)
             else:
-                base_entry = (_score_benchmark(reference, tokenizer, bench, base=False, **settings) if reference
-                              else _score_benchmark(tuned, tokenizer, bench, base=True, **settings))
+                if saved_base is not None:
+                    base_entry = saved_base[bench.name]
+                elif reference is not None:
+                    base_entry = _score_benchmark(reference, tokenizer, bench, base=False, **settings)
+                else:
+                    base_entry = _score_benchmark(tuned, tokenizer, bench, base=True, **settings)
                 entry["base_scores"] = base_entry["scores"]
                 key = CORRECT.get(bench.metric)
                 if key:

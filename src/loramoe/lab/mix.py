@@ -1,0 +1,111 @@
+"""The lab's instruction mix, built offline from the built-in suites.
+
+Downstream-task records (``type: task``) come from the train splits of the task benchmarks, and
+closed-book QA records (``type: knowledge``) from the train splits of the fact relations, each
+example asked in ``templates`` phrasings (the paper's augmentation by instruction templates). The
+knowledge the lab measures afterwards is the relations' test splits, which share no fact with
+these records (the split is by fact) and are further filtered for overlap with the largest mix.
+
+Sizes are nested: the mix at size ``s`` is the first ``round(unit * s)`` records of one fixed,
+seeded order (facts and task kinds interleaved), so a larger mix holds every smaller one and a
+difference between sizes is the extra data, not a different draw.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from loramoe.fileio import atomic_write_text
+from loramoe.lab.config import MixConfig
+from loramoe.suites import load_benchmark, to_training_records
+
+
+@dataclass
+class Mix:
+    sizes: dict[str, Path]
+    """Size label (``4x``) -> its JSONL file."""
+    largest: str
+    task_part: Path
+    """The largest mix's task records alone (first stage of the sequential variant)."""
+    knowledge_part: Path
+    """The largest mix's knowledge records alone (second stage)."""
+    counts: dict[str, dict[str, int]]
+    """Size label -> records per type."""
+
+
+def size_label(size: float) -> str:
+    return f"{size:g}x"
+
+
+def _interleave(pools: list[list[list[dict]]], rng: random.Random) -> list[dict]:
+    """Round-robin over the pools (each a shuffled list of one example's records), so any prefix
+    holds every task kind about equally."""
+    for pool in pools:
+        rng.shuffle(pool)
+    out: list[dict] = []
+    for i in range(max(len(p) for p in pools)):
+        for pool in pools:
+            if i < len(pool):
+                out.extend(pool[i])
+    return out
+
+
+def _pools(config: MixConfig, kind: str, seed: int) -> list[list[list[dict]]]:
+    names = config.knowledge if kind == "knowledge" else config.tasks
+    pools = []
+    for name in names:
+        bench = load_benchmark(f"{kind}/{name}" if kind == "knowledge" else f"task/{name}", seed=seed)
+        examples = [e for e in bench.train if e.context is None or len(e.context) <= config.max_context_chars]
+        pools.append([to_training_records([e], type=kind, templates_per_example=config.templates, seed=seed)
+                      for e in examples])
+    return pools
+
+
+def _write(path: Path, records: list[dict]) -> Path:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+def build_mix(config: MixConfig, folder: Path, seed: int = 0) -> Mix:
+    """Writes ``size-<label>.jsonl`` per size (and the largest mix's two parts) into ``folder``."""
+    rng = random.Random(seed)
+    ordered = {kind: _interleave(_pools(config, kind, seed), rng) for kind in ("knowledge", "task")}
+    largest = max(config.sizes)
+    need_knowledge = round(round(config.unit * largest) * config.knowledge_share)
+    need_task = round(config.unit * largest) - need_knowledge
+    for kind, need in (("knowledge", need_knowledge), ("task", need_task)):
+        if need > len(ordered[kind]):
+            raise ValueError(f"mix: the largest size needs {need} {kind} records but the built-in data gives "
+                             f"{len(ordered[kind])} with these settings; lower mix.unit or mix.sizes, or raise "
+                             f"mix.templates or mix.max_context_chars")
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes, counts = {}, {}
+    for size in sorted(config.sizes):
+        total = round(config.unit * size)
+        k = round(total * config.knowledge_share)
+        records = _interleave_types(ordered["knowledge"][:k], ordered["task"][:total - k])
+        label = size_label(size)
+        sizes[label] = _write(folder / f"size-{label}.jsonl", records)
+        counts[label] = {"knowledge": k, "task": total - k, "total": total}
+    label = size_label(largest)
+    k = counts[label]["knowledge"]
+    return Mix(sizes=sizes, largest=label, counts=counts,
+               task_part=_write(folder / f"size-{label}-task.jsonl", ordered["task"][:counts[label]["task"]]),
+               knowledge_part=_write(folder / f"size-{label}-knowledge.jsonl", ordered["knowledge"][:k]))
+
+
+def _interleave_types(knowledge: list[dict], task: list[dict]) -> list[dict]:
+    """Knowledge records spread evenly among task records (training shuffles anyway; the file
+    reads better)."""
+    out, step = [], (len(task) + len(knowledge)) / max(len(knowledge), 1)
+    ki = 0
+    for i in range(len(task) + len(knowledge)):
+        if ki < len(knowledge) and i >= ki * step:
+            out.append(knowledge[ki])
+            ki += 1
+        else:
+            out.append(task[i - ki])
+    return out

@@ -1,0 +1,50 @@
+"""Checks every lab report must pass, on a tiny model in test_lab.py and on the real model in
+test_embedded.py: the files are there, the HTML is self-contained, and every number the report
+prints is a number of results.json."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from loramoe.lab.report import fmt, signed
+
+NUMBER = re.compile(r"[+-]?\d[\d,]*(?:\.\d+)?")
+
+
+def _numbers(value, out: set[str]) -> None:
+    if isinstance(value, dict):
+        for item in value.values():
+            _numbers(item, out)
+    elif isinstance(value, list):
+        for item in value:
+            _numbers(item, out)
+    elif isinstance(value, bool) or value is None:
+        return
+    elif isinstance(value, (int, float)):
+        out.update({fmt(value, d) for d in (1, 3, 4)} | {signed(value, 1)})
+        if isinstance(value, float) and value.is_integer():
+            out.add(fmt(int(value)))
+    elif isinstance(value, str):
+        out.update(NUMBER.findall(value))
+
+
+def check_report(folder: Path) -> dict:
+    results = json.loads((folder / "results.json").read_text())
+    for name in ("report.md", "report.html", "knowledge_vs_size.png", "tasks_vs_size.png", "tradeoff.png",
+                 "drift_vs_size.png"):
+        assert (folder / name).is_file(), name
+    html = (folder / "report.html").read_text()
+    assert "data:image/png;base64," in html and not re.search(r'src="(?!data:)', html)
+    known: set[str] = set()
+    _numbers(results, known)
+    text = (folder / "report.md").read_text()
+    text = re.sub(r"\]\([^)]*\)", "]", text)  # image file names are not numbers
+    for number in NUMBER.findall(text):
+        assert number in known, f"report.md prints {number}, which results.json does not hold"
+    assert {"lab", "mix", "base", "runs", "findings", "knowledge_stderr"} <= set(results)
+    for row in results["runs"]:
+        assert {"knowledge", "knowledge_change", "task_score", "drift", "kl_to_base", "trainable_parameters",
+                "train_seconds"} <= set(row)
+    return results
