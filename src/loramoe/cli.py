@@ -18,6 +18,7 @@ from jsonargparse import auto_cli, set_loader
 from loramoe.demo import run_demo
 from loramoe.evaluate import evaluate
 from loramoe.lab import lab
+from loramoe.scaling import scaling
 from loramoe.train import train
 
 _FLAG = re.compile(r"^--([a-z0-9]+(?:-[a-z0-9]+)+)(=.*)?$")
@@ -33,28 +34,37 @@ def _load_config(text: str) -> Any:
     return _underscored(yaml.safe_load(text))
 
 
-COMMANDS = {"lab": lab, "demo": run_demo, "train": train, "eval": evaluate}
+COMMANDS = {"lab": lab, "demo": run_demo, "train": train, "eval": evaluate, "scaling": scaling}
 LIST_FLAGS = {"--data", "--target_modules", "--train_data"}
 """Flags that take several values, written the usual way: ``--data a.jsonl b.csv``."""
 BOOL_FLAGS = {f"--{name}" for command in COMMANDS.values()
               for name, kind in typing.get_type_hints(command).items() if kind is bool}
 """Switches: ``--quick`` alone means ``--quick true`` (jsonargparse wants the value)."""
 
+COMMA_LIST_FLAGS = {"scaling": {"--method", "--ranks"}}
+"""Per subcommand, list flags that also take comma-separated values (``--ranks 1,2,4``); only
+there, since ``--method`` names one method in ``train`` and a regex in ``--target-modules`` may
+hold a comma."""
+
 
 def _normalise_flags(argv: list[str]) -> list[str]:
     """Dashed flags to jsonargparse's underscored ones, ``--data a b`` to ``--data '["a","b"]'`` and a
     bare switch to ``--switch true``."""
     out: list[str] = []
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    comma_flags = COMMA_LIST_FLAGS.get(command, set())
     i = 0
     while i < len(argv):
         arg = argv[i]
         flag = f"--{m.group(1).replace('-', '_')}{m.group(2) or ''}" if (m := _FLAG.match(arg)) else arg
         i += 1
-        if flag in LIST_FLAGS:
+        if flag in LIST_FLAGS or flag in comma_flags:
             values = []
             while i < len(argv) and not argv[i].startswith("--"):
                 values.append(argv[i])
                 i += 1
+            if flag in comma_flags and not (len(values) == 1 and values[0].lstrip().startswith("[")):
+                values = [part for value in values for part in value.split(",") if part]
             already_a_list = len(values) == 1 and values[0].lstrip().startswith("[")
             out += [flag, values[0] if already_a_list else json.dumps(values)]
             continue

@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import yaml
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from loramoe import models
 from loramoe.adapters import AdapterConfig, LoraConfig, LoraMoEConfig, TiedLoraConfig
@@ -94,6 +95,7 @@ def train(
     skip_bad_records: bool = False,
     seed: int = 0,
     trust_remote_code: bool = False,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> dict[str, Any]:
     """Fine-tune a model on instruction data and write the result to ``output``.
 
@@ -132,8 +134,10 @@ def train(
         skip_bad_records: skip malformed records (the count is reported) instead of stopping.
         seed: seed for initialisation, data order and dropout.
         trust_remote_code: allow a hub model's own code to run.
+        callbacks: extra ``transformers.TrainerCallback`` objects (from Python, or class paths
+            on the command line), e.g. ones that measure the model during training.
     """
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "callbacks"}
     if not 0.0 <= warmup_ratio < 1.0:
         raise ValueError(f"--warmup-ratio must be in [0, 1), got {warmup_ratio}")
     if not data:
@@ -184,7 +188,7 @@ def train(
         remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
         use_cpu=not torch.cuda.is_available(), **_precision(precision))
     trainer = LoraMoETrainer(model=base, args=args, train_dataset=dataset, data_collator=DataCollator(tokenizer),
-                             callbacks=[TensorBoardLogs(output / "logs")])
+                             callbacks=[TensorBoardLogs(output / "logs"), *callbacks])
     result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
 
     if trainer.args.should_save:
