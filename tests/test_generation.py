@@ -70,6 +70,28 @@ def test_batched_generation_equals_one_at_a_time_and_a_plain_argmax_loop(archite
     assert sum(len(answer.split()) for answer in batched) > 3 * len(EXAMPLES)  # not trivially empty
 
 
+def test_a_style_per_example_mixes_benchmarks_in_one_batch_with_the_same_answers():
+    model, tokenizer = tiny_llama(), tiny_tokenizer(CHAT_TEMPLATE)
+    styles = ["chat" if i % 3 else "completion" for i in range(len(EXAMPLES))]
+    mixed = generate(model, tokenizer, EXAMPLES, style=styles, max_new_tokens=MAX_NEW, batch_size=5, progress=False)
+    alone = [generate(model, tokenizer, [e], style=s, max_new_tokens=MAX_NEW, batch_size=1, progress=False)[0]
+             for e, s in zip(EXAMPLES, styles)]
+    assert mixed == alone
+    with pytest.raises(ValueError, match="2 prompt styles for 11 examples"):
+        generate(model, tokenizer, EXAMPLES, style=["chat", "chat"], progress=False)
+
+
+def test_batches_keep_long_prompts_from_padding_short_ones():
+    from loramoe.generation import _batches
+
+    lengths = [150] * 12 + [40] * 36
+    batches = _batches(lengths, 32)
+    assert sorted(i for b in batches for i in b) == list(range(48))
+    assert all(len(b) <= 32 and len(b) * lengths[b[0]] <= 32 * 67.5 for b in batches)
+    assert all(lengths[b[0]] == max(lengths[i] for i in b) for b in batches)
+    assert [len(b) for b in _batches([40] * 70, 32)] == [32, 32, 6]
+
+
 def test_prompt_styles():
     chat, plain = tiny_tokenizer(CHAT_TEMPLATE), tiny_tokenizer()
     example = Example("x", "w30 w31", completion="w40 w41 w42")

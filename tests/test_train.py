@@ -225,3 +225,43 @@ def test_cli_list_flags_take_several_values(tiny_model_dir, data_file, tmp_path)
     assert summary["records"] == 17
     assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["loramoe"]["config"][
         "target_modules"] == ["gate_proj", "up_proj"]
+
+
+@pytest.mark.parametrize("method", ["full", "loramoe"])
+@pytest.mark.parametrize("num_items", [None, 9])
+def test_the_loss_from_label_positions_only_equals_the_models_own(tmp_path, method, num_items):
+    """The trainer computes logits only where a label follows; the loss and every gradient equal
+    the model's own causal-LM loss over all positions."""
+    from transformers import Trainer, TrainingArguments
+
+    from loramoe import LoraMoEConfig, attach
+    from loramoe.trainer import LoraMoETrainer
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama().train()
+    if method == "loramoe":
+        attach(model, LoraMoEConfig(dropout=0.0))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    trainer = LoraMoETrainer(model=model, args=args)
+    assert trainer._sparse_logits
+    torch.manual_seed(1)
+    ids = torch.randint(2, 97, (3, 12))
+    labels = torch.full_like(ids, -100)
+    labels[0, 4:7], labels[1, 9:12], labels[2, 2:3] = ids[0, 4:7], ids[1, 9:12], ids[2, 2:3]
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute(model, dict(inputs), False, num_items)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ours, ours_grads = loss_and_grads(trainer._lm_loss)
+    theirs, their_grads = loss_and_grads(lambda *a: Trainer.compute_loss(trainer, *a))
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-6)
+    assert all(torch.allclose(ours_grads[n], their_grads[n], atol=1e-6, rtol=1e-5) for n in their_grads)

@@ -34,19 +34,42 @@ CORRECT = {"qa": "contains", "translation": "em", "accuracy": "accuracy"}
 """The per-item score that counts an answer as right, for knowledge_change."""
 
 
-def _score_benchmark(model, tokenizer, bench: Benchmark, *, style: PromptStyle, batch_size: int,
-                     max_new_tokens: int, max_length: int, base: bool) -> dict[str, Any]:
-    context = disabled_adapters(model) if base else nullcontext()
-    with context:
-        if bench.metric == "lm_loss":
-            return {"scores": lm_loss(model, tokenizer, [e.prompt for e in bench.test], batch_size=batch_size,
-                                      max_length=max_length)}
-        predictions = generate(model, tokenizer, bench.test, style=style, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size)
+def _predict(model, tokenizer, benchmarks: Sequence[Benchmark], styles: dict[str, PromptStyle], *,
+             batch_size: int, max_new_tokens: int, base: bool) -> dict[str, list[str]]:
+    """Every generative benchmark's answers, from one batched pass over all their prompts (a
+    benchmark with a few test items would otherwise decode a nearly empty batch)."""
+    generative = [b for b in benchmarks if b.metric != "lm_loss"]
+    examples = [e for b in generative for e in b.test]
+    with disabled_adapters(model) if base else nullcontext():
+        predictions = generate(model, tokenizer, examples, style=[styles[b.name] for b in generative for _ in b.test],
+                               max_new_tokens=max_new_tokens, batch_size=batch_size)
+    out, start = {}, 0
+    for bench in generative:
+        out[bench.name], start = predictions[start:start + len(bench.test)], start + len(bench.test)
+    return out
+
+
+def _scored(bench: Benchmark, predictions: list[str], style: PromptStyle) -> dict[str, Any]:
     items = [{"id": e.id, "prompt": e.completion if style == "completion" and e.completion else e.prompt,
               "answers": list(e.answers), "prediction": p, **per_item(bench.metric, p, e)}
              for e, p in zip(bench.test, predictions)]
     return {"scores": score(bench.metric, predictions, bench.test), "items": items}
+
+
+def _score_all(model, tokenizer, benchmarks: Sequence[Benchmark], styles: dict[str, PromptStyle], *,
+               batch_size: int, max_new_tokens: int, max_length: int, base: bool) -> dict[str, dict[str, Any]]:
+    """Each benchmark's scores (and per-item answers for the generative ones)."""
+    predictions = _predict(model, tokenizer, benchmarks, styles, batch_size=batch_size,
+                           max_new_tokens=max_new_tokens, base=base)
+    out = {}
+    for bench in benchmarks:
+        if bench.metric == "lm_loss":
+            with disabled_adapters(model) if base else nullcontext():
+                out[bench.name] = {"scores": lm_loss(model, tokenizer, [e.prompt for e in bench.test],
+                                                     batch_size=batch_size, max_length=max_length)}
+        else:
+            out[bench.name] = _scored(bench, predictions[bench.name], styles[bench.name])
+    return out
 
 
 Limit = int | dict[str, int | None] | None
@@ -175,11 +198,17 @@ def evaluate(
                                "benchmarks": {}}
     overlap = _without_overlap(benchmarks, train_data) if train_data else {}
     saved_base = _read_base_eval(base_eval, benchmarks) if base_eval is not None else None
+    styles = {b.name: prompt_style or b.prompt_style for b in benchmarks}
+    settings = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length)
+    tuned_scores = _score_all(tuned, tokenizer, benchmarks, styles, base=False, **settings)
+    base_scores = None
+    if vs_base and saved_base is None:
+        generative = [b for b in benchmarks if b.metric != "lm_loss"]  # the shift on text is measured below
+        base_scores = _score_all(reference if reference is not None else tuned, tokenizer, generative, styles,
+                                 base=reference is None, **settings)
     for bench in benchmarks:
-        style = prompt_style or bench.prompt_style
-        settings = dict(style=style, batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length)
-        entry = {"type": bench.type, "metric": bench.metric, "prompt_style": style, "test_items": len(bench.test),
-                 **_score_benchmark(tuned, tokenizer, bench, base=False, **settings)}
+        entry = {"type": bench.type, "metric": bench.metric, "prompt_style": styles[bench.name],
+                 "test_items": len(bench.test), **tuned_scores[bench.name]}
         if bench.name in overlap:
             entry["overlap"] = overlap[bench.name]
         if vs_base:
@@ -188,12 +217,7 @@ def evaluate(
                 entry["forgetting"] = distribution_shift(tuned, tokenizer, texts, base_model=reference,
                                                          batch_size=batch_size, max_length=max_length)
             else:
-                if saved_base is not None:
-                    base_entry = saved_base[bench.name]
-                elif reference is not None:
-                    base_entry = _score_benchmark(reference, tokenizer, bench, base=False, **settings)
-                else:
-                    base_entry = _score_benchmark(tuned, tokenizer, bench, base=True, **settings)
+                base_entry = saved_base[bench.name] if saved_base is not None else base_scores[bench.name]
                 entry["base_scores"] = base_entry["scores"]
                 key = CORRECT.get(bench.metric)
                 if key:

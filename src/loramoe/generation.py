@@ -13,8 +13,10 @@ each: ``chat`` renders the request as a user turn exactly as training renders pr
 (``loramoe.data.encode_prompt``); ``completion`` tokenizes a text to continue (``Example.completion``,
 else the prompt) with the special tokens the tokenizer adds on its own (BOS for Llama-like ones).
 
-Batches hold prompts of similar lengths (longest first, so running out of memory shows at once),
-left-padded with an attention mask; Hugging Face ``generate`` derives the positions from that mask,
+Batches hold prompts of similar lengths (longest first, so running out of memory shows at once):
+at most ``batch_size`` prompts and at most ``batch_size`` times the mean prompt length in padded
+tokens, so that a few long prompts do not pad a batch of short ones to their length (prefill is
+most of the cost on a CPU). They are left-padded with an attention mask; Hugging Face ``generate`` derives the positions from that mask,
 so a prompt gets the same tokens whichever batch it sits in (tested in float32; in half precision
 the padding can flip a near-tie). The model runs in eval mode (its mode is restored afterwards);
 the tokenizer is never modified, its ``padding_side`` included.
@@ -85,14 +87,32 @@ def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple
     return ids.to(device), mask.to(device)
 
 
+def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches, longest prompts first (see the module docstring)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    budget = batch_size * sum(lengths) / max(len(lengths), 1)
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], *,
-             style: PromptStyle, max_new_tokens: int = 32, batch_size: int = 16, stop_on_newline: bool = True,
-             progress: bool = True) -> list[str]:
-    """Each example's greedy answer, in the order of ``examples``. See the module docstring."""
+             style: PromptStyle | Sequence[PromptStyle], max_new_tokens: int = 32, batch_size: int = 16,
+             stop_on_newline: bool = True, progress: bool = True) -> list[str]:
+    """Each example's greedy answer, in the order of ``examples``. ``style`` is one prompt style
+    for all, or one per example: several benchmarks' prompts then share batches, and a batch of
+    32 costs about what a batch of 4 does on a CPU. See the module docstring."""
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be at least 1, "
                          f"got {max_new_tokens} and {batch_size}")
-    prompts = [prompt_ids(example, tokenizer, style) for example in examples]
+    styles = [style] * len(examples) if isinstance(style, str) else list(style)
+    if len(styles) != len(examples):
+        raise ValueError(f"{len(styles)} prompt styles for {len(examples)} examples")
+    prompts = [prompt_ids(example, tokenizer, s) for example, s in zip(examples, styles)]
     stop_ids = _stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:  # its value never matters: padding is masked, and answers end before any filler
@@ -101,14 +121,12 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, example
         pad_id = stop_ids[0]
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
                               no_repeat_ngram_size=0, eos_token_id=stop_ids or None, pad_token_id=pad_id)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     was_training = model.training
     model.eval()
     try:
-        batches = range(0, len(order), batch_size)
-        for start in tqdm(batches, desc=f"generating ({style})", unit="batch", disable=not progress):
-            chunk = order[start:start + batch_size]
+        for chunk in tqdm(_batches([len(p) for p in prompts], batch_size), desc="generating", unit="batch",
+                          disable=not progress):
             ids, mask = _left_pad([prompts[i] for i in chunk], pad_id, model.device)
             stopping = StoppingCriteriaList([_NewlineStop(tokenizer, ids.shape[1])] if stop_on_newline else [])
             with torch.no_grad():

@@ -10,11 +10,17 @@ resume, distributed runs and logging all stay the Trainer's):
   mass each expert group received), averaged between logging steps, to every ``report_to`` target;
 - adapter-only checkpoints (``adapter_config.json`` + ``adapter_model.safetensors``) instead of the
   whole model, and a completion marker written last, so a checkpoint killed half-way is never resumed;
-- a stop with a clear message on a NaN or infinite loss, leaving the checkpoints as they are.
+- a stop with a clear message on a NaN or infinite loss, leaving the checkpoints as they are;
+- the LM head applied only where a label follows (``logits_to_keep``): instruction records
+  train on their short responses, and vocabulary-wide logits (and their cross-entropy) at every
+  prompt position cost a fifth of a step for nothing. The loss is the model's own causal-LM
+  loss, summed over label tokens and divided the same way (by ``num_items_in_batch`` when the
+  Trainer counts the accumulated batch's tokens, else by this batch's).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.nn
+import torch.nn.functional as F
 from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
 
@@ -37,6 +44,7 @@ from loramoe.serialization import load_adapter, save_adapter
 
 COMPLETE_MARKER = "loramoe_checkpoint_complete.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+IGNORE_INDEX = -100
 
 
 class TrainingDiverged(RuntimeError):
@@ -80,6 +88,9 @@ class LoraMoETrainer(Trainer):
         super().__init__(*args, **kwargs)
         config = adapter_config(self.model)
         self.loramoe = config if isinstance(config, LoraMoEConfig) else None
+        forward = self.accelerator.unwrap_model(self.model).forward
+        self._sparse_logits = ("logits_to_keep" in inspect.signature(forward).parameters and self._loss_shifts_labels
+                               and self.label_smoother is None and self.compute_loss_func is None)
         self._sums: dict[str, float] = defaultdict(float)
         self._counts: dict[str, int] = defaultdict(int)
 
@@ -91,11 +102,11 @@ class LoraMoETrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sample_types = inputs.pop("sample_type", None)
         if self.loramoe is None or not model.training:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            result = self._lm_loss(model, inputs, return_outputs, num_items_in_batch)
             self._check_finite(result[0] if return_outputs else result)
             return result
         with capture_routing(model, keep_graph=True) as routing:
-            lm_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            lm_loss, outputs = self._lm_loss(model, inputs, True, num_items_in_batch)
         importance = torch.stack(list(routing.sample_gates().values()))  # (layers, samples, E)
         expert_groups = torch.tensor(self.loramoe.expert_groups(), device=importance.device)
         if sample_types is None:
@@ -116,6 +127,28 @@ class LoraMoETrainer(Trainer):
         self._record("lm_loss", lm_loss.item() * (steps / self._lm_scale()))
         self._record("lbc_loss", lbc.item())
         self._record_balance(importance, sample_types, expert_groups)
+        return (loss, outputs) if return_outputs else loss
+
+    def _lm_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """The causal-LM loss, from logits at the positions whose next token is a label."""
+        labels = inputs.get("labels")
+        if not (self._sparse_logits and model.training and labels is not None):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        targets = labels[:, 1:]
+        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # shared by the batch's rows
+        outputs = model(**inputs, logits_to_keep=keep)
+        logits = outputs.logits.float()
+        picked = targets[:, keep].to(logits.device)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), picked.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        if num_items_in_batch is None:
+            loss = loss / (picked != IGNORE_INDEX).sum().clamp(min=1)
+        else:
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:  # as the Trainer does
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
+                               else self.args.n_gpu)
         return (loss, outputs) if return_outputs else loss
 
     def _lm_scale(self) -> float:
