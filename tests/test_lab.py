@@ -151,10 +151,10 @@ def test_the_mix_is_nested_typed_and_split_in_two_for_the_sequential_runs(tmp_pa
     config = load_config().mix
     mix = build_mix(config, tmp_path, seed=0)
     read = {size: [json.loads(line) for line in path.read_text().splitlines()] for size, path in mix.sizes.items()}
-    assert {size: len(records) for size, records in read.items()} == {"1x": 12, "4x": 48, "16x": 192}
+    assert {size: len(records) for size, records in read.items()} == {"1x": 8, "4x": 32, "16x": 128}
     as_set = {size: {json.dumps(r, sort_keys=True) for r in records} for size, records in read.items()}
     assert as_set["1x"] <= as_set["4x"] <= as_set["16x"]
-    assert sum(r["type"] == "knowledge" for r in read["16x"]) == 48
+    assert sum(r["type"] == "knowledge" for r in read["16x"]) == 32
     parts = [json.loads(line) for p in (mix.task_part, mix.knowledge_part) for line in p.read_text().splitlines()]
     assert {json.dumps(r, sort_keys=True) for r in parts} == as_set["16x"]
     assert all(len(r["instruction"]) < config.max_context_chars + 400 for r in read["16x"])

@@ -134,6 +134,19 @@ def test_training_records_use_several_templates():
     assert records[0].messages[-1]["role"] == "assistant" and records[0].type == "knowledge"
 
 
+def test_sentence_answers_state_the_fact_in_the_phrasing_of_the_question():
+    cyprus = next(e for e in knowledge_examples("capital") if e.subject == "Cyprus")
+    records = to_training_records([cyprus], type="knowledge", templates_per_example=4, answer_style="sentence")
+    by_question = {r["instruction"]: r["output"] for r in records}
+    assert by_question["What is the capital of Cyprus?"] == "The capital of Cyprus is Nicosia."
+    assert by_question["Name the capital city of Cyprus."] == "Cyprus has its capital in Nicosia."
+    task = load_benchmark("task/topic", limit=3).train[0]
+    assert (to_training_records([task], type="task", answer_style="sentence")
+            == to_training_records([task], type="task"))
+    with pytest.raises(ValueError, match="answer_style must be 'short' or 'sentence'"):
+        to_training_records([cyprus], type="knowledge", answer_style="long")
+
+
 def test_phrasings_start_with_the_benchmark_prompt():
     for name in ("knowledge/borders", "task/topic", "task/translation-fr", "task/summarization", "knowledge/fanoutqa"):
         bench = load_benchmark(name, limit=3)

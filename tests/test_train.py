@@ -265,3 +265,19 @@ def test_the_loss_from_label_positions_only_equals_the_models_own(tmp_path, meth
     theirs, their_grads = loss_and_grads(lambda *a: Trainer.compute_loss(trainer, *a))
     assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-6)
     assert all(torch.allclose(ours_grads[n], their_grads[n], atol=1e-6, rtol=1e-5) for n in their_grads)
+
+
+def test_length_grouped_batches_train_and_resume_to_the_same_weights(tiny_model_dir, data_file, tmp_path):
+    import shutil
+
+    settings = _common(tiny_model_dir, data_file, group_by_length=True, save_total_limit=None)
+    straight = train(**settings, output=tmp_path / "straight")
+    assert straight["steps"] == 4
+    resumed_dir = tmp_path / "resumed" / "checkpoints"
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "checkpoint-2", resumed_dir / "checkpoint-2")
+    summary = train(**settings, output=tmp_path / "resumed", resume=True)
+    assert summary["resumed_from"].endswith("checkpoint-2")
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = train(**_common(tiny_model_dir, data_file), output=tmp_path / "plain")
+    assert straight["tokens"] == plain["tokens"]  # every record once, in other batches

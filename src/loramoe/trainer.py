@@ -11,6 +11,7 @@ resume, distributed runs and logging all stay the Trainer's):
 - adapter-only checkpoints (``adapter_config.json`` + ``adapter_model.safetensors``) instead of the
   whole model, and a completion marker written last, so a checkpoint killed half-way is never resumed;
 - a stop with a clear message on a NaN or infinite loss, leaving the checkpoints as they are;
+- optionally, batches of records of similar length in random order (:mod:`loramoe.sampling`);
 - the LM head applied only where a label follows (``logits_to_keep``): instruction records
   train on their short responses, and vocabulary-wide logits (and their cross-entropy) at every
   prompt position cost a fifth of a step for nothing. The loss is the model's own causal-LM
@@ -40,6 +41,7 @@ from loramoe.attach import adapter_config
 from loramoe.fileio import atomic_write_text
 from loramoe.balance import balancing_loss, group_shares
 from loramoe.routing import capture_routing
+from loramoe.sampling import LengthGroupedSampler
 from loramoe.serialization import load_adapter, save_adapter
 
 COMPLETE_MARKER = "loramoe_checkpoint_complete.json"
@@ -84,7 +86,8 @@ class TensorBoardLogs(TensorBoardCallback):
 class LoraMoETrainer(Trainer):
     """``Trainer`` for models with a loramoe adapter attached (or none, for full fine-tuning)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, group_by_length: bool = False, **kwargs) -> None:
+        self.group_by_length = group_by_length
         super().__init__(*args, **kwargs)
         config = adapter_config(self.model)
         self.loramoe = config if isinstance(config, LoraMoEConfig) else None
@@ -128,6 +131,13 @@ class LoraMoETrainer(Trainer):
         self._record("lbc_loss", lbc.item())
         self._record_balance(importance, sample_types, expert_groups)
         return (loss, outputs) if return_outputs else loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_length or dataset is None:
+            return super()._get_train_sampler(train_dataset)
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * max(1, self.args.world_size)
+        return LengthGroupedSampler([len(row["input_ids"]) for row in dataset], batch, seed=self.args.seed)
 
     def _lm_loss(self, model, inputs, return_outputs, num_items_in_batch):
         """The causal-LM loss, from logits at the positions whose next token is a label."""

@@ -39,6 +39,7 @@ class MixConfig:
     sizes: list[float]
     knowledge_share: float
     templates: int
+    answer_style: str
     max_context_chars: int
     knowledge: list[str]
     tasks: list[str]
@@ -105,6 +106,8 @@ def _check(config: LabConfig, where: str) -> None:
         raise LabConfigError(f"{where}: mix.unit and mix.templates must be >= 1 and mix.sizes positive")
     if not 0.0 < mix.knowledge_share < 1.0:
         raise LabConfigError(f"{where}: mix.knowledge_share must be between 0 and 1, got {mix.knowledge_share}")
+    if mix.answer_style not in ("short", "sentence"):
+        raise LabConfigError(f"{where}: mix.answer_style must be short or sentence, got '{mix.answer_style}'")
     for key, allowed in (("knowledge", RELATIONS), ("tasks", TASKS)):
         bad = [name for name in getattr(mix, key) if name not in allowed]
         if bad or not getattr(mix, key):

@@ -48,18 +48,10 @@ def _parent_ready(run: Run, lab_dir: Path) -> None:
 
 
 def _row(record: dict[str, Any], lab_dir: Path, base: dict[str, Any]) -> dict[str, Any]:
-    folder = lab_dir / "runs" / record["folder"]
-    evaluation = json.loads((folder / "eval" / "eval.json").read_text())
-    row = run_row(record, evaluation, base)
-    router_file = folder / "eval" / "router.json"
-    if router_file.is_file():
-        router = json.loads(router_file.read_text())
-        by_type: dict[str, list[list[float]]] = {}
-        for name, shares in router["sets"].items():
-            by_type.setdefault(evaluation["benchmarks"][name]["type"], []).append(shares["mean"])
-        row["router_experts"] = {kind: [sum(col) / len(col) for col in zip(*means)] for kind, means in by_type.items()}
-        row["groups"] = router["groups"]
-    return row
+    folder = lab_dir / "runs" / record["folder"] / "eval"
+    router = folder / "router.json"
+    return run_row(record, json.loads((folder / "eval.json").read_text()), base,
+                   json.loads(router.read_text()) if router.is_file() else None)
 
 
 def lab(

@@ -59,7 +59,8 @@ def _pools(config: MixConfig, kind: str, seed: int) -> list[list[list[dict]]]:
     for name in names:
         bench = load_benchmark(f"{kind}/{name}" if kind == "knowledge" else f"task/{name}", seed=seed)
         examples = [e for e in bench.train if e.context is None or len(e.context) <= config.max_context_chars]
-        pools.append([to_training_records([e], type=kind, templates_per_example=config.templates, seed=seed)
+        pools.append([to_training_records([e], type=kind, templates_per_example=config.templates, seed=seed,
+                                         answer_style=config.answer_style)
                       for e in examples])
     return pools
 

@@ -45,7 +45,10 @@ def base_row(evaluation: dict[str, Any]) -> dict[str, Any]:
             "lm_loss": _text(benchmarks)["scores"]["cross_entropy"]}
 
 
-def run_row(record: dict[str, Any], evaluation: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+def run_row(record: dict[str, Any], evaluation: dict[str, Any], base: dict[str, Any],
+            router: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A scored run's row, from its ``lab_run.json`` record, its ``eval.json`` and, for LoRAMoE,
+    its ``router.json`` (gate share per expert)."""
     benchmarks = evaluation["benchmarks"]
     knowledge, questions, per_relation = _pooled_knowledge(benchmarks)
     lost = sum(len(e["change"]["lost"]) for e in benchmarks.values() if e["type"] == "knowledge")
@@ -68,17 +71,27 @@ def run_row(record: dict[str, Any], evaluation: dict[str, Any], base: dict[str, 
     }
     row["task_change"] = row["task_score"] - base["task_score"]
     if "router" in evaluation:
-        row["router"] = _router_by_type(evaluation)
+        row["router"] = _mean_by_type(evaluation["router"], evaluation)
+    if router is not None:
+        row["router_experts"] = _mean_by_type({name: shares["mean"] for name, shares in router["sets"].items()},
+                                              evaluation)
+        row["groups"] = router["groups"]
     return row
 
 
-def _router_by_type(evaluation: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Gate share per expert group, averaged over the benchmarks of each sample type."""
-    by_type: dict[str, list[dict[str, float]]] = {}
-    for name, shares in evaluation["router"].items():
+def _mean_by_type(per_benchmark: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
+    """Per sample type, the mean over its benchmarks of each benchmark's gate shares: a mapping
+    (per expert group) averaged key by key, or a list (per expert) element by element."""
+    by_type: dict[str, list[Any]] = {}
+    for name, shares in per_benchmark.items():
         by_type.setdefault(evaluation["benchmarks"][name]["type"], []).append(shares)
-    return {kind: {group: sum(s[group] for s in rows) / len(rows) for group in rows[0]}
-            for kind, rows in by_type.items()}
+
+    def mean(rows: list[Any]) -> Any:
+        if isinstance(rows[0], dict):
+            return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
+        return [sum(column) / len(column) for column in zip(*rows)]
+
+    return {kind: mean(rows) for kind, rows in by_type.items()}
 
 
 def findings(rows: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:

@@ -126,3 +126,10 @@ def knowledge_benchmarks(*, test_share: float = 0.5, seed: int = 0, limit: int |
 def phrasings(example: Example) -> list[str]:
     """Every chat phrasing of a knowledge example's question (for training records)."""
     return [fill(question, example.subject or "") for question, _ in TEMPLATES[example.relation or ""]]
+
+
+def sentence_answers(example: Example) -> list[str]:
+    """The answer as the sentence each phrasing's completion text starts (``The capital of
+    Cyprus is Nicosia.``), in the order of :func:`phrasings`."""
+    return [f"{fill(completion, example.subject or '')} {example.answers[0]}."
+            for _, completion in TEMPLATES[example.relation or ""]]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from typing import Literal
 
 from loramoe.suites import knowledge, translation, wiki
 from loramoe.suites.base import Example
@@ -44,23 +45,33 @@ def _order(example: Example, count: int, seed: int) -> list[int]:
     return sorted(range(count), key=rank)
 
 
+AnswerStyle = Literal["short", "sentence"]
+
+
 def to_training_records(examples: Iterable[Example], *, type: str, templates_per_example: int = 1,
-                        seed: int = 0) -> list[dict[str, str]]:
+                        seed: int = 0, answer_style: AnswerStyle = "short") -> list[dict[str, str]]:
     """``{"instruction", "output", "type"}`` records (plus ``subject`` and ``relation`` for facts,
     which ``filter_overlap`` reads and training ignores): per example, ``templates_per_example``
-    different phrasings (at most as many as it has), picked by a hash of the id and ``seed``; the
-    output is the canonical answer. Meant for train-split examples; text examples (no answer)
-    cannot become records."""
+    different phrasings (at most as many as it has), picked by a hash of the id and ``seed``. The
+    output is the canonical answer; with ``answer_style="sentence"`` a fact's answer is the
+    sentence its phrasing's completion text starts (``The capital of Cyprus is Nicosia.``), the
+    form a small base model retrieves facts in (other examples keep their answer). Meant for
+    train-split examples; text examples (no answer) cannot become records."""
     if templates_per_example < 1:
         raise ValueError(f"templates_per_example must be at least 1, got {templates_per_example}")
+    if answer_style not in ("short", "sentence"):
+        raise ValueError(f"answer_style must be 'short' or 'sentence', got '{answer_style}'")
     records = []
     for example in examples:
         if not example.answers:
             raise ValueError(f"example '{example.id}' has no answer to train on (text for the language-model "
                              f"loss is not instruction data)")
         options = phrasings(example)
+        is_fact = example.subject and example.relation in knowledge.TEMPLATES
+        outputs = (knowledge.sentence_answers(example) if answer_style == "sentence" and is_fact
+                   else [example.answers[0]] * len(options))
         for index in _order(example, len(options), seed)[:templates_per_example]:
-            record = {"instruction": options[index], "output": example.answers[0], "type": type}
+            record = {"instruction": options[index], "output": outputs[index], "type": type}
             if example.subject and example.relation:
                 record.update(subject=example.subject, relation=example.relation)
             records.append(record)
