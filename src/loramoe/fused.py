@@ -1,0 +1,175 @@
+"""The production LoRAMoE op: frozen base projections that read the same input, with their
+mixtures of LoRA experts, as one autograd node (or, without autograd, as plain tensor ops).
+
+Per member k of a group (e.g. a Llama MLP's ``gate_proj`` and ``up_proj``, which both read x)::
+
+    y_k = W_k x + b_k + sum_i g_ki(x) * s * B_ki A_ki drop(x),   g_k(x) = softmax(R_k x) (fp32)
+
+Why one node for the group, with the base matmul inside it: at small widths a training step is
+bound by passes over (tokens x width) tensors, not by arithmetic, and autograd alone would make
+many. Here, for the whole group:
+
+- one dropout mask, one pass over x for all routers and experts when there is no dropout (the
+  routers see x without dropout, so with dropout it is one pass over the dropped-out x for the
+  experts and one over x for the routers), one matmul for every expert's A-gradient;
+- the small rank-space product writes each output first and the base matmul accumulates onto it
+  (a large matmul reads its accumulator almost for free), and the same for the input gradient:
+  it is written once for the base layers, the experts and the routers together, where autograd
+  would write one tensor per branch and add them up;
+- the gates (N, K, E) and the rank-space activations (N, K*E*r) are saved, not recomputed; x is
+  saved once for the group and the dropped-out x is recomputed from a one-byte mask in backward,
+  so the op keeps less than PEFT's LoRA, which saves a float copy of dropout(x) per projection.
+
+Adapter maths runs in the model's dtype (the routers' fp32 weights are cast to it for their
+matmul) and the softmax in fp32, so gates are fp32. The dropout scale 1/(1-p) rides on the gates.
+Members share one expert count, rank and scale (they come from one config).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class Member(NamedTuple):
+    """One projection of a group: its frozen base and its experts, in the on-disk layouts."""
+
+    weight: Tensor
+    """(d_out, d_in), frozen (a transposed view for a Conv1D base)."""
+    bias: Tensor | None
+    router: Tensor
+    """(E, d_in), float32."""
+    lora_A: Tensor
+    """(E, r, d_in)."""
+    lora_B: Tensor
+    """(E, d_out, r)."""
+
+
+class Experts(NamedTuple):
+    """A group's experts concatenated for the two-matmul form, in the model's dtype."""
+
+    a: Tensor
+    """(K*E*r, d_in): every member's A, member-major."""
+    router: Tensor
+    """(K*E, d_in): every member's router."""
+    both: Tensor | None
+    """``cat([a, router])`` for the one shared pass over x without dropout, else None."""
+    b: list[Tensor]
+    """Per member, (d_out, E*r): B_1 ... B_E side by side, times ``b_scale``."""
+
+
+def concat_experts(members: Sequence[Member], dtype: torch.dtype, *, shared_pass: bool,
+                   b_scale: float = 1.0) -> Experts:
+    """The concatenated expert matrices of a group (a few small copies per call)."""
+    a = torch.cat([m.lora_A.flatten(0, 1) for m in members]).to(dtype)
+    router = torch.cat([m.router for m in members]).to(dtype)
+    b = [m.lora_B.permute(1, 0, 2).reshape(m.lora_B.shape[1], -1).to(dtype) for m in members]
+    if b_scale != 1.0:
+        b = [t * b_scale for t in b]
+    return Experts(a, router, torch.cat([a, router]) if shared_pass else None, b)
+
+
+def _mixture_forward(x2: Tensor, drop: Tensor | None, gate_scale: float, bases: Sequence[tuple[Tensor, Tensor | None]],
+                     experts: Experts, num_experts: int) -> tuple[list[Tensor], Tensor, Tensor]:
+    """(outputs (N, d_out_k), gates (N, K, E) fp32, rank-space activations (N, K*E*r)) for x2 (N, d_in)."""
+    n, k, e = x2.shape[0], len(bases), num_experts
+    ker = experts.a.shape[0]
+    if drop is None:
+        both = x2 @ experts.both.T  # (N, K*E*r + K*E): routers and experts in one pass over x
+        h, logits = both[:, :ker], both[:, ker:]
+    else:
+        h = x2.masked_fill(drop, 0.0) @ experts.a.T
+        logits = x2 @ experts.router.T
+    gates = torch.softmax(logits.view(n, k, e).float(), dim=-1)  # (N, K, E)
+    weights = gates * gate_scale if gate_scale != 1.0 else gates
+    hw = (h.view(n, k, e, -1) * weights.to(h.dtype).unsqueeze(-1)).view(n, ker)
+    width = ker // k
+    outs = []
+    for i, (weight, bias) in enumerate(bases):
+        cols = hw[:, i * width:(i + 1) * width]
+        out = cols @ experts.b[i].T if bias is None else torch.addmm(bias, cols, experts.b[i].T)
+        outs.append(out.addmm_(x2, weight.T))  # the large matmul accumulates onto the small one
+    return outs, gates, h
+
+
+class _LoraMoEGroup(torch.autograd.Function):
+    """See the module docstring. Inputs: x, drop, gate_scale, num_experts, then per member its
+    five ``Member`` fields; outputs: each member's output, then the gates (..., K, E)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, drop: Tensor | None, gate_scale: float, num_experts: int,
+                *flat: Tensor | None) -> tuple[Tensor, ...]:
+        members = [Member(*flat[i:i + 5]) for i in range(0, len(flat), 5)]
+        x2 = x.reshape(-1, x.shape[-1])
+        experts = concat_experts(members, x.dtype, shared_pass=drop is None)
+        bases = [(m.weight, m.bias) for m in members]
+        outs, gates, h = _mixture_forward(x2, drop, gate_scale, bases, experts, num_experts)
+        ctx.save_for_backward(x, drop, gates, h, experts.a, experts.router, *experts.b,
+                              *(m.weight for m in members))
+        ctx.gate_scale, ctx.num_members, ctx.router_dtype = gate_scale, len(members), members[0].router.dtype
+        lead = x.shape[:-1]
+        return (*(out.view(*lead, -1) for out in outs), gates.view(*lead, *gates.shape[1:]))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        x, drop, gates, h, a_cat, router_cat, *rest = ctx.saved_tensors
+        k = ctx.num_members
+        b_cats, weights = rest[:k], rest[k:]
+        n, _, e = gates.shape
+        x2 = x.reshape(n, -1)
+        g_outs = [g.reshape(n, -1) for g in grads[:k]]
+        ker = a_cat.shape[0]
+        width = ker // k
+        gate_w = (gates * ctx.gate_scale).to(h.dtype).unsqueeze(-1)  # (N, K, E, 1)
+        hw = (h.view(n, k, e, -1) * gate_w).view(n, ker)
+        grad_hw = torch.cat([g @ b for g, b in zip(g_outs, b_cats)], dim=1) if k > 1 else g_outs[0] @ b_cats[0]
+        grad_b = [(g.T @ hw[:, i * width:(i + 1) * width]).view(g.shape[1], e, -1).permute(1, 0, 2)
+                  for i, g in enumerate(g_outs)]
+        grad_gates = (grad_hw.view(n, k, e, -1) * h.view(n, k, e, -1)).sum(-1).float() * ctx.gate_scale
+        grad_gates = grad_gates + grads[k].reshape(n, k, e)  # a loss on the gates (the balancing constraint)
+        grad_logits = gates * (grad_gates - (grad_gates * gates).sum(-1, keepdim=True))  # softmax backward
+        grad_h = (grad_hw.view(n, k, e, -1) * gate_w).view(n, ker)
+        grad_logits = grad_logits.view(n, k * e).to(h.dtype)
+        if drop is None:
+            grad_both = torch.cat([grad_h, grad_logits], dim=1)
+            grad_x = grad_both @ torch.cat([a_cat, router_cat]) if ctx.needs_input_grad[0] else None
+            grad_params = grad_both.T @ x2
+            grad_a, grad_router = grad_params[:ker], grad_params[ker:]
+        else:
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_h @ a_cat).masked_fill_(drop, 0.0).addmm_(grad_logits, router_cat)
+            grad_a = grad_h.T @ x2.masked_fill(drop, 0.0)
+            grad_router = grad_logits.T @ x2
+        if grad_x is not None:
+            for g, weight in zip(g_outs, weights):
+                grad_x.addmm_(g, weight)
+            grad_x = grad_x.view_as(x)
+        member_grads = []
+        for i in range(k):
+            member_grads += [None, None, grad_router[i * e:(i + 1) * e].to(ctx.router_dtype),
+                             grad_a[i * width:(i + 1) * width].view(e, -1, x2.shape[1]), grad_b[i]]
+        return (grad_x, None, None, None, *member_grads)
+
+
+def loramoe_group(x: Tensor, members: Sequence[Member], scale: float, drop: Tensor | None = None,
+                  keep_scale: float = 1.0) -> tuple[list[Tensor], Tensor]:
+    """Each member's output (..., d_out_k) and the gates (..., K, E) fp32, differentiable in x, the
+    routers, the experts and (through the gates) in a loss on the gates. ``drop`` (..., d_in) bool
+    marks the inputs dropout zeroes for the experts; ``keep_scale`` is then 1/(1-p)."""
+    flat = [t for m in members for t in m]
+    *outs, gates = _LoraMoEGroup.apply(x, None if drop is None else drop.reshape(-1, x.shape[-1]),
+                                       scale * keep_scale, members[0].lora_A.shape[0], *flat)
+    return outs, gates
+
+
+def loramoe_group_inference(x: Tensor, bases: Sequence[tuple[Tensor, Tensor | None]], experts: Experts,
+                            num_experts: int) -> tuple[list[Tensor], Tensor]:
+    """The forward of :func:`loramoe_group` without autograd or dropout, for generation: no
+    autograd node, no saved tensors, and ``experts`` prepared once (B already scaled) by the caller."""
+    lead = x.shape[:-1]
+    outs, gates, _ = _mixture_forward(x.reshape(-1, x.shape[-1]), None, 1.0, bases, experts, num_experts)
+    return [out.view(*lead, -1) for out in outs], gates.view(*lead, *gates.shape[1:])
