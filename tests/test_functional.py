@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramoe.functional import dropout_drop_mask, lora_delta, lora_delta_weight, loramoe_delta, router_gates
+from loramoe.functional import dropout_positions, drop_inputs, lora_delta, lora_delta_weight, loramoe_delta, router_gates
 from loramoe.fused import Member, concat_experts, loramoe_group, loramoe_group_inference
 from tests.reference import loramoe_delta_loop
 
@@ -72,14 +72,24 @@ def _group_case(k, e, r, d_in=24, d_outs=(40, 40, 16), bias=False, seed=0):
     return x, members
 
 
-def _fused_group_vs_loop(k, e, r, dropout=0.0, dtype=torch.float32, bias=False, conv1d=False, tol=1e-5, rel=0.0):
+def _as_mask(drop, shape):
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask.view(-1)[drop] = True
+    return mask
+
+
+def _fused_group_vs_loop(k, e, r, dropout=0.0, dtype=torch.float32, bias=False, conv1d=False, tol=1e-5, rel=0.0,
+                         as_mask=False):
     """The fused group op against each member computed alone by the loop reference with the same
     dropout mask, in outputs, gates and the gradients of x, every router, A and B (with a loss on
     the gates as well, as the balancing constraint puts one there)."""
     x, members = _group_case(k, e, r, bias=bias)
     scale = 8.0
     torch.manual_seed(7)
-    drop = dropout_drop_mask(x.shape, dropout, x.device) if dropout else None
+    drop = dropout_positions(x.shape, dropout, x.device) if dropout else None  # flat indices on the CPU
+    mask = None if drop is None else _as_mask(drop, x.shape)
+    if as_mask:  # the representation used on GPUs
+        drop = mask
 
     def leaves():
         return ([x.clone().to(dtype).requires_grad_(True)],
@@ -90,7 +100,7 @@ def _fused_group_vs_loop(k, e, r, dropout=0.0, dtype=torch.float32, bias=False, 
     fused_members = [Member(w.T.contiguous().T if conv1d else w, b, rw, a, bb) for w, b, rw, a, bb in fused_params]
     outs, gates = loramoe_group(xf, fused_members, scale, drop, 1 / (1 - dropout))
     (xr,), ref_params = leaves()
-    ref_outs = [xr @ w.T + (0 if b is None else b) + loramoe_delta_loop(xr, rw, a, bb, scale, dropout, drop=drop)
+    ref_outs = [xr @ w.T + (0 if b is None else b) + loramoe_delta_loop(xr, rw, a, bb, scale, dropout, drop=mask)
                 for w, b, rw, a, bb in ref_params]
     ref_gates = torch.stack([router_gates(xr, rw) for _, _, rw, _, _ in ref_params], dim=-2)
 
@@ -119,6 +129,10 @@ def test_fused_group_op_with_bias_and_transposed_base_weight():
     _fused_group_vs_loop(2, 6, 4, dropout=0.25, bias=True, conv1d=True)
 
 
+def test_fused_group_op_with_a_bool_dropout_mask():
+    _fused_group_vs_loop(2, 6, 4, dropout=0.25, as_mask=True)
+
+
 def test_fused_group_op_in_bfloat16():
     _fused_group_vs_loop(2, 6, 4, dtype=torch.bfloat16, rel=0.03, tol=0.0)  # a few bf16 ulps
 
@@ -132,14 +146,25 @@ def test_inference_path_equals_the_autograd_op():
     assert torch.allclose(fast_gates, gates) and all(torch.allclose(f, o, atol=1e-5) for f, o in zip(fast_outs, outs))
 
 
-def test_keep_mask_rate_reproducibility_and_independence():
+def test_dropout_positions_rate_reproducibility_and_independence():
+    shape, p = (512, 1024), 0.05
     torch.manual_seed(0)
-    mask = ~dropout_drop_mask((512, 1024), 0.05, torch.device("cpu"))
+    drop = dropout_positions(shape, p, torch.device("cpu"))
     torch.manual_seed(0)
-    assert torch.equal(mask, ~dropout_drop_mask((512, 1024), 0.05, torch.device("cpu")))
-    assert mask.dtype == torch.bool and abs((~mask).float().mean().item() - 0.05) < 0.002
-    lanes = (~mask).view(-1, 4).float()  # the four 16-bit lanes of each random word
-    assert all(abs(lanes[:, i].mean().item() - 0.05) < 0.003 for i in range(4))
-    both = (lanes[:, 0] * lanes[:, 1]).mean().item()
-    assert abs(both - 0.05 ** 2) < 0.001  # lanes are independent
-    assert not dropout_drop_mask((7,), 0.0, torch.device("cpu")).any()
+    assert torch.equal(drop, dropout_positions(shape, p, torch.device("cpu")))
+    assert drop.dtype == torch.long and bool((drop[1:] > drop[:-1]).all()) and 0 <= drop[0] and drop[-1] < 512 * 1024
+    mask = _as_mask(drop, shape).float()
+    assert abs(mask.mean().item() - p) < 0.002
+    assert abs(mask[:, :512].mean().item() - mask[:, 512:].mean().item()) < 0.002  # no drift along the tensor
+    neighbours = (mask.view(-1)[1:] * mask.view(-1)[:-1]).mean().item()
+    assert abs(neighbours - p**2) < 0.0005  # adjacent elements are independent
+    assert dropout_positions((7,), 0.0, torch.device("cpu")).numel() == 0
+    assert set(dropout_positions((3,), 0.9, torch.device("cpu")).tolist()) <= {0, 1, 2}  # none past the end
+
+
+def test_drop_inputs_by_index_or_mask():
+    x = torch.randn(4, 6)
+    drop = torch.tensor([0, 7, 23])
+    want = x.clone()
+    want.view(-1)[drop] = 0.0
+    assert torch.equal(drop_inputs(x, drop), want) and torch.equal(drop_inputs(x, _as_mask(drop, x.shape)), want)

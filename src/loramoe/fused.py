@@ -9,16 +9,19 @@ Why one node for the group, with the base matmul inside it: at small widths a tr
 bound by passes over (tokens x width) tensors, not by arithmetic, and autograd alone would make
 many. Here, for the whole group:
 
-- one dropout mask, one pass over x for all routers and experts when there is no dropout (the
-  routers see x without dropout, so with dropout it is one pass over the dropped-out x for the
-  experts and one over x for the routers), one matmul for every expert's A-gradient;
+- one dropout draw, one pass over the input for all routers and experts and one for all their
+  weight gradients. The routers see x without dropout: on the CPU, where the dropped elements come
+  as indices (``dropout_positions``), the pass runs over the dropped-out x and the routers' logits
+  and gradients get back what the few dropped elements contribute, by index (p of the work); with
+  a GPU's bool mask the routers take their own pass over x;
 - the small rank-space product writes each output first and the base matmul accumulates onto it
   (a large matmul reads its accumulator almost for free), and the same for the input gradient:
   it is written once for the base layers, the experts and the routers together, where autograd
   would write one tensor per branch and add them up;
-- the gates (N, K, E) and the rank-space activations (N, K*E*r) are saved, not recomputed; x is
-  saved once for the group and the dropped-out x is recomputed from a one-byte mask in backward,
-  so the op keeps less than PEFT's LoRA, which saves a float copy of dropout(x) per projection.
+- saved for backward: the gates (N, K, E), the rank-space activations (N, K*E*r) and one input
+  per group: x, or on the CPU the dropped-out x (plus the dropped values, p of its size), nothing
+  recomputed; with a GPU mask, x and the one-byte mask, the dropped-out x recomputed. PEFT's LoRA
+  saves a float copy of dropout(x) per projection, gate_proj and up_proj each.
 
 Adapter maths runs in the model's dtype (the routers' fp32 weights are cast to it for their
 matmul) and the softmax in fp32, so gates are fp32. The dropout scale 1/(1-p) rides on the gates.
@@ -32,6 +35,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from loramoe.functional import drop_inputs, zero_dropped_
 
 
 class Member(NamedTuple):
@@ -73,16 +78,25 @@ def concat_experts(members: Sequence[Member], dtype: torch.dtype, *, shared_pass
 
 
 def _mixture_forward(x2: Tensor, drop: Tensor | None, gate_scale: float, bases: Sequence[tuple[Tensor, Tensor | None]],
-                     experts: Experts, num_experts: int) -> tuple[list[Tensor], Tensor, Tensor]:
-    """(outputs (N, d_out_k), gates (N, K, E) fp32, rank-space activations (N, K*E*r)) for x2 (N, d_in)."""
+                     experts: Experts, num_experts: int) -> tuple[list[Tensor], Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(outputs (N, d_out_k), gates (N, K, E) fp32, rank-space activations (N, K*E*r), then where
+    ``drop`` holds indices the dropped-out x2 and the dropped values ``x2.view(-1)[drop]``, else
+    None twice) for x2 (N, d_in)."""
     n, k, e = x2.shape[0], len(bases), num_experts
     ker = experts.a.shape[0]
-    if drop is None:
-        both = x2 @ experts.both.T  # (N, K*E*r + K*E): routers and experts in one pass over x
-        h, logits = both[:, :ker], both[:, ker:]
-    else:
-        h = x2.masked_fill(drop, 0.0) @ experts.a.T
+    dropped = dropped_values = None
+    if drop is not None and drop.dtype == torch.bool:  # a mask (GPU): the routers read x itself
+        h = drop_inputs(x2, drop) @ experts.a.T
         logits = x2 @ experts.router.T
+    else:  # one pass for routers and experts, over x or its dropped-out copy
+        if drop is not None:
+            dropped = drop_inputs(x2, drop)
+        both = (x2 if drop is None else dropped) @ experts.both.T  # (N, K*E*r + K*E)
+        h, logits = both[:, :ker], both[:, ker:]
+        if drop is not None:  # give the routers back what the few dropped elements contribute
+            dropped_values = x2.view(-1)[drop]
+            logits.index_add_(0, drop // x2.shape[1],
+                              dropped_values.unsqueeze(1) * experts.router.T[drop % x2.shape[1]])
     gates = torch.softmax(logits.view(n, k, e).float(), dim=-1)  # (N, K, E)
     weights = gates * gate_scale if gate_scale != 1.0 else gates
     hw = (h.view(n, k, e, -1) * weights.to(h.dtype).unsqueeze(-1)).view(n, ker)
@@ -92,7 +106,7 @@ def _mixture_forward(x2: Tensor, drop: Tensor | None, gate_scale: float, bases: 
         cols = hw[:, i * width:(i + 1) * width]
         out = cols @ experts.b[i].T if bias is None else torch.addmm(bias, cols, experts.b[i].T)
         outs.append(out.addmm_(x2, weight.T))  # the large matmul accumulates onto the small one
-    return outs, gates, h
+    return outs, gates, h, dropped, dropped_values
 
 
 class _LoraMoEGroup(torch.autograd.Function):
@@ -104,50 +118,58 @@ class _LoraMoEGroup(torch.autograd.Function):
                 *flat: Tensor | None) -> tuple[Tensor, ...]:
         members = [Member(*flat[i:i + 5]) for i in range(0, len(flat), 5)]
         x2 = x.reshape(-1, x.shape[-1])
-        experts = concat_experts(members, x.dtype, shared_pass=drop is None)
+        experts = concat_experts(members, x.dtype, shared_pass=drop is None or drop.dtype != torch.bool)
         bases = [(m.weight, m.bias) for m in members]
-        outs, gates, h = _mixture_forward(x2, drop, gate_scale, bases, experts, num_experts)
-        ctx.save_for_backward(x, drop, gates, h, experts.a, experts.router, *experts.b,
+        outs, gates, h, dropped, dropped_values = _mixture_forward(x2, drop, gate_scale, bases, experts, num_experts)
+        # with dropped indices, backward needs only the dropped-out x (and the few dropped values)
+        ctx.save_for_backward(x2 if dropped is None else dropped, drop, dropped_values, gates, h, experts.a, experts.router, *experts.b,
                               *(m.weight for m in members))
         ctx.gate_scale, ctx.num_members, ctx.router_dtype = gate_scale, len(members), members[0].router.dtype
+        ctx.x_shape = x.shape
         lead = x.shape[:-1]
         return (*(out.view(*lead, -1) for out in outs), gates.view(*lead, *gates.shape[1:]))
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        x, drop, gates, h, a_cat, router_cat, *rest = ctx.saved_tensors
+        x2, drop, dropped_values, gates, h, a_cat, router_cat, *rest = ctx.saved_tensors
         k = ctx.num_members
         b_cats, weights = rest[:k], rest[k:]
         n, _, e = gates.shape
-        x2 = x.reshape(n, -1)
         g_outs = [g.reshape(n, -1) for g in grads[:k]]
         ker = a_cat.shape[0]
         width = ker // k
         gate_w = (gates * ctx.gate_scale).to(h.dtype).unsqueeze(-1)  # (N, K, E, 1)
         hw = (h.view(n, k, e, -1) * gate_w).view(n, ker)
         grad_hw = torch.cat([g @ b for g, b in zip(g_outs, b_cats)], dim=1) if k > 1 else g_outs[0] @ b_cats[0]
-        grad_b = [(g.T @ hw[:, i * width:(i + 1) * width]).view(g.shape[1], e, -1).permute(1, 0, 2)
-                  for i, g in enumerate(g_outs)]
+        grad_b = [(hw[:, i * width:(i + 1) * width].T @ g).view(e, -1, g.shape[1]).transpose(1, 2)
+                  for i, g in enumerate(g_outs)]  # (E, d_out, r); this order of the product is the faster
         grad_gates = (grad_hw.view(n, k, e, -1) * h.view(n, k, e, -1)).sum(-1).float() * ctx.gate_scale
         grad_gates = grad_gates + grads[k].reshape(n, k, e)  # a loss on the gates (the balancing constraint)
         grad_logits = gates * (grad_gates - (grad_gates * gates).sum(-1, keepdim=True))  # softmax backward
         grad_h = (grad_hw.view(n, k, e, -1) * gate_w).view(n, ker)
         grad_logits = grad_logits.view(n, k * e).to(h.dtype)
-        if drop is None:
-            grad_both = torch.cat([grad_h, grad_logits], dim=1)
-            grad_x = grad_both @ torch.cat([a_cat, router_cat]) if ctx.needs_input_grad[0] else None
-            grad_params = grad_both.T @ x2
-            grad_a, grad_router = grad_params[:ker], grad_params[ker:]
-        else:
+        if drop is not None and drop.dtype == torch.bool:
             grad_x = None
             if ctx.needs_input_grad[0]:
-                grad_x = (grad_h @ a_cat).masked_fill_(drop, 0.0).addmm_(grad_logits, router_cat)
-            grad_a = grad_h.T @ x2.masked_fill(drop, 0.0)
+                grad_x = zero_dropped_(grad_h @ a_cat, drop).addmm_(grad_logits, router_cat)
+            grad_a = grad_h.T @ drop_inputs(x2, drop)
             grad_router = grad_logits.T @ x2
+        else:  # x2 is x, or its dropped-out copy when drop holds indices
+            grad_both = torch.cat([grad_h, grad_logits], dim=1)
+            grad_params = grad_both.T @ x2
+            grad_a, grad_router = grad_params[:ker], grad_params[ker:]
+            grad_x = None
+            if drop is None and ctx.needs_input_grad[0]:
+                grad_x = grad_both @ torch.cat([a_cat, router_cat])
+            elif drop is not None:
+                rows, cols = drop // x2.shape[1], drop % x2.shape[1]
+                grad_router.index_add_(1, cols, (grad_logits[rows] * dropped_values.unsqueeze(1)).T)
+                if ctx.needs_input_grad[0]:
+                    grad_x = zero_dropped_(grad_h @ a_cat, drop).addmm_(grad_logits, router_cat)
         if grad_x is not None:
             for g, weight in zip(g_outs, weights):
                 grad_x.addmm_(g, weight)
-            grad_x = grad_x.view_as(x)
+            grad_x = grad_x.view(ctx.x_shape)
         member_grads = []
         for i in range(k):
             member_grads += [None, None, grad_router[i * e:(i + 1) * e].to(ctx.router_dtype),
@@ -158,11 +180,13 @@ class _LoraMoEGroup(torch.autograd.Function):
 def loramoe_group(x: Tensor, members: Sequence[Member], scale: float, drop: Tensor | None = None,
                   keep_scale: float = 1.0) -> tuple[list[Tensor], Tensor]:
     """Each member's output (..., d_out_k) and the gates (..., K, E) fp32, differentiable in x, the
-    routers, the experts and (through the gates) in a loss on the gates. ``drop`` (..., d_in) bool
-    marks the inputs dropout zeroes for the experts; ``keep_scale`` is then 1/(1-p)."""
+    routers, the experts and (through the gates) in a loss on the gates. ``drop`` names the inputs
+    dropout zeroes for the experts, as :func:`loramoe.functional.dropout_positions` gives them (a
+    bool mask of x's shape or flat indices); ``keep_scale`` is then 1/(1-p)."""
     flat = [t for m in members for t in m]
-    *outs, gates = _LoraMoEGroup.apply(x, None if drop is None else drop.reshape(-1, x.shape[-1]),
-                                       scale * keep_scale, members[0].lora_A.shape[0], *flat)
+    if drop is not None and drop.dtype == torch.bool:
+        drop = drop.reshape(-1, x.shape[-1])
+    *outs, gates = _LoraMoEGroup.apply(x, drop, scale * keep_scale, members[0].lora_A.shape[0], *flat)
     return outs, gates
 
 
@@ -171,5 +195,5 @@ def loramoe_group_inference(x: Tensor, bases: Sequence[tuple[Tensor, Tensor | No
     """The forward of :func:`loramoe_group` without autograd or dropout, for generation: no
     autograd node, no saved tensors, and ``experts`` prepared once (B already scaled) by the caller."""
     lead = x.shape[:-1]
-    outs, gates, _ = _mixture_forward(x.reshape(-1, x.shape[-1]), None, 1.0, bases, experts, num_experts)
+    outs, gates, _, _, _ = _mixture_forward(x.reshape(-1, x.shape[-1]), None, 1.0, bases, experts, num_experts)
     return [out.view(*lead, -1) for out in outs], gates.view(*lead, *gates.shape[1:])

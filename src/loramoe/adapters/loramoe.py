@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from loramoe.adapters.base import SUPPORTED_BASE_LAYERS, AdapterConfig, AdapterLayer, MergeError
-from loramoe.functional import dropout_drop_mask, loramoe_delta, router_gates
+from loramoe.functional import dropout_positions, loramoe_delta, router_gates
 from loramoe.fused import Member, concat_experts, loramoe_group, loramoe_group_inference
 
 RoutingHook = Callable[["LoraMoELinear", Tensor], None]
@@ -163,13 +163,15 @@ class LoraMoELinear(AdapterLayer):
         handed, self._handed = self._handed, None
         if handed is not None and handed[0] is x and handed[1] == x._version:
             out, gates = handed[2], handed[3]
-        elif self._fusable(x):
+        elif self._fusable(x) and not (torch.compiler.is_compiling() and not torch.is_grad_enabled()):
             group = [self, *(s for s in self.input_siblings if s._fusable(x) and s.training == self.training)]
             outs, all_gates = self._run_group(x, group)
             for i, sibling in enumerate(group[1:], 1):
                 sibling._handed = (x, x._version, outs[i], all_gates[..., i, :])
             out, gates = outs[0], all_gates[..., 0, :]
-        else:  # a base the op can't fold in (hooks, trainable, other dtype): plain autograd
+        else:  # a base the op can't fold in (hooks, trainable, other dtype), or generation under
+            # torch.compile, where plain maths lets inductor fuse the adapter and CUDA graphs remove
+            # its launches, and the group's caches and hand-offs would only break the graph: plain ops
             gates = router_gates(x, self.router.weight)  # (..., E) float32
             out = self.base_layer(x) + loramoe_delta(x.to(self.lora_A.dtype), gates, self.lora_A, self.lora_B,
                                                      self.scale, self.dropout, self.training).to(x.dtype)
@@ -195,7 +197,7 @@ class LoraMoELinear(AdapterLayer):
         members = [layer._member() for layer in group]
         training = self.training and self.dropout > 0
         if torch.is_grad_enabled() or training:
-            drop = dropout_drop_mask(x.shape, self.dropout, x.device) if training else None
+            drop = dropout_positions(x.shape, self.dropout, x.device) if training else None
             return loramoe_group(x, members, self.scale, drop, 1.0 / (1.0 - self.dropout) if training else 1.0)
         # generation: no autograd node, the concatenated experts kept until a weight changes
         key = (x.dtype, *((t.data_ptr(), t._version) for m in members for t in m[2:]))
