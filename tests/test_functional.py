@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loramoe.functional import dropout_positions, drop_inputs, lora_delta, lora_delta_weight, loramoe_delta, router_gates
-from loramoe.fused import Member, concat_experts, loramoe_group, loramoe_group_inference
+from loramoe.fused import Member, inference_plan, loramoe_group, loramoe_group_inference
 from tests.reference import loramoe_delta_loop
 
 
@@ -141,8 +141,7 @@ def test_inference_path_equals_the_autograd_op():
     x, members = _group_case(2, 6, 4, bias=True)
     members = [Member(*m) for m in members]
     outs, gates = loramoe_group(x, members, 8.0)
-    experts = concat_experts(members, x.dtype, shared_pass=True, b_scale=8.0)
-    fast_outs, fast_gates = loramoe_group_inference(x, [(m.weight, m.bias) for m in members], experts, 6)
+    fast_outs, fast_gates = loramoe_group_inference(x, inference_plan(members, x.dtype, 8.0))
     assert torch.allclose(fast_gates, gates) and all(torch.allclose(f, o, atol=1e-5) for f, o in zip(fast_outs, outs))
 
 

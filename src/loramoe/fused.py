@@ -190,10 +190,43 @@ def loramoe_group(x: Tensor, members: Sequence[Member], scale: float, drop: Tens
     return outs, gates
 
 
-def loramoe_group_inference(x: Tensor, bases: Sequence[tuple[Tensor, Tensor | None]], experts: Experts,
-                            num_experts: int) -> tuple[list[Tensor], Tensor]:
-    """The forward of :func:`loramoe_group` without autograd or dropout, for generation: no
-    autograd node, no saved tensors, and ``experts`` prepared once (B already scaled) by the caller."""
+class InferencePlan(NamedTuple):
+    """A group's tensors laid out for generation, prepared once while the weights stay the same."""
+
+    both_t: Tensor
+    """(d_in, K*E*r + K*E): every member's A, then every router, for one matmul."""
+    b_t: list[Tensor]
+    """Per member, (E*r, d_out): B_1 ... B_E stacked, times the scale."""
+    weight_t: list[Tensor]
+    """Per member, the base weight as (d_in, d_out)."""
+    bias: list[Tensor | None]
+    num_experts: int
+
+
+def inference_plan(members: Sequence[Member], dtype: torch.dtype, scale: float) -> InferencePlan:
+    experts = concat_experts(members, dtype, shared_pass=True, b_scale=scale)
+    return InferencePlan(experts.both.T.contiguous(), [b.T.contiguous() for b in experts.b],
+                         [m.weight.T for m in members], [m.bias for m in members], members[0].lora_A.shape[0])
+
+
+def loramoe_group_inference(x: Tensor, plan: InferencePlan) -> tuple[list[Tensor], Tensor]:
+    """The forward of :func:`loramoe_group` without autograd or dropout, for generation. Decoding
+    runs this once per group and token on a few rows, where each tensor op costs more in dispatch
+    than in arithmetic, so it makes as few as the maths allows: one matmul for all routers and
+    experts, a softmax, one gating product, then per member the small matmul and the base matmul
+    accumulating onto it."""
     lead = x.shape[:-1]
-    outs, gates, _, _, _ = _mixture_forward(x.reshape(-1, x.shape[-1]), None, 1.0, bases, experts, num_experts)
-    return [out.view(*lead, -1) for out in outs], gates.view(*lead, *gates.shape[1:])
+    x2 = x.reshape(-1, x.shape[-1])
+    n, k, e = x2.shape[0], len(plan.b_t), plan.num_experts
+    ker = plan.both_t.shape[1] - k * e
+    both = x2 @ plan.both_t
+    gates = torch.softmax(both[:, ker:].view(n, k, e), dim=-1, dtype=torch.float32)
+    weights = gates if both.dtype == torch.float32 else gates.to(both.dtype)
+    hw = (both[:, :ker].view(n, k, e, -1) * weights.unsqueeze(-1)).view(n, ker)
+    width = ker // k
+    outs = []
+    for i, (b_t, weight_t, bias) in enumerate(zip(plan.b_t, plan.weight_t, plan.bias)):
+        cols = hw if k == 1 else hw[:, i * width:(i + 1) * width]
+        out = cols @ b_t if bias is None else torch.addmm(bias, cols, b_t)
+        outs.append(out.addmm_(x2, weight_t).view(*lead, -1))
+    return outs, gates.view(*lead, k, e)

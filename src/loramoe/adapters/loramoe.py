@@ -30,7 +30,7 @@ from transformers.pytorch_utils import Conv1D
 
 from loramoe.adapters.base import SUPPORTED_BASE_LAYERS, AdapterConfig, AdapterLayer, MergeError
 from loramoe.functional import dropout_positions, loramoe_delta, router_gates
-from loramoe.fused import Member, concat_experts, loramoe_group, loramoe_group_inference
+from loramoe.fused import Member, inference_plan, loramoe_group, loramoe_group_inference
 
 RoutingHook = Callable[["LoraMoELinear", Tensor], None]
 
@@ -134,7 +134,7 @@ class LoraMoELinear(AdapterLayer):
         self.input_siblings: tuple[LoraMoELinear, ...] = ()
         """Adapter layers that read the same input as this one (set by ``build_layers``)."""
         self._handed: tuple | None = None  # (x, x's version, output, gates) a sibling computed for us
-        self._inference_experts: tuple | None = None  # (key, Experts) for generation without autograd
+        self._inference_plan: tuple | None = None  # (key, InferencePlan) for generation without autograd
         dtype = self.parameter_dtype(base_layer, config)
         device = base_layer.weight.device
         e, r = config.num_experts, config.r
@@ -181,17 +181,21 @@ class LoraMoELinear(AdapterLayer):
 
     def _fusable(self, x: Tensor) -> bool:
         """Whether the fused op can compute this layer for x: an active adapter over a frozen,
-        hook-free nn.Linear or Conv1D base in x's dtype (the op calls no base module)."""
-        base = self.base_layer
+        hook-free nn.Linear or Conv1D base in x's dtype (the op calls no base module). Reads the
+        module dicts directly: this runs for every layer and decoded token, where nn.Module's
+        attribute lookup would cost more than the check."""
+        base, params = self._modules["base_layer"], self._parameters
+        weight, bias = base._parameters["weight"], base._parameters.get("bias")
         return (not self.merged and not self.disabled and type(base) in SUPPORTED_BASE_LAYERS
                 and not base._forward_hooks and not base._forward_pre_hooks and "forward" not in base.__dict__
-                and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
-                and base.weight.dtype == self.lora_A.dtype == x.dtype)
+                and not weight.requires_grad and (bias is None or not bias.requires_grad)
+                and weight.dtype == params["lora_A"].dtype == x.dtype)
 
     def _member(self) -> Member:
-        weight = self.base_layer.weight
-        return Member(weight.T if isinstance(self.base_layer, Conv1D) else weight, self.base_layer.bias,
-                      self.router.weight, self.lora_A, self.lora_B)
+        base, params = self._modules["base_layer"], self._parameters
+        weight = base._parameters["weight"]
+        return Member(weight.T if isinstance(base, Conv1D) else weight, base._parameters.get("bias"),
+                      self._modules["router"]._parameters["weight"], params["lora_A"], params["lora_B"])
 
     def _run_group(self, x: Tensor, group: list[LoraMoELinear]) -> tuple[list[Tensor], Tensor]:
         members = [layer._member() for layer in group]
@@ -199,12 +203,11 @@ class LoraMoELinear(AdapterLayer):
         if torch.is_grad_enabled() or training:
             drop = dropout_positions(x.shape, self.dropout, x.device) if training else None
             return loramoe_group(x, members, self.scale, drop, 1.0 / (1.0 - self.dropout) if training else 1.0)
-        # generation: no autograd node, the concatenated experts kept until a weight changes
-        key = (x.dtype, *((t.data_ptr(), t._version) for m in members for t in m[2:]))
-        if self._inference_experts is None or self._inference_experts[0] != key:
-            self._inference_experts = (key, concat_experts(members, x.dtype, shared_pass=True, b_scale=self.scale))
-        return loramoe_group_inference(x, [(m.weight, m.bias) for m in members], self._inference_experts[1],
-                                       self.num_experts)
+        # generation: no autograd node, the experts laid out once and kept until a tensor changes
+        key = (x.dtype, *((t.data_ptr(), t._version) for m in members for t in m if t is not None))
+        if self._inference_plan is None or self._inference_plan[0] != key:
+            self._inference_plan = (key, inference_plan(members, x.dtype, self.scale))
+        return loramoe_group_inference(x, self._inference_plan[1])
 
     def adapter_delta(self, x: Tensor) -> Tensor:
         return loramoe_delta(x.to(self.lora_A.dtype), router_gates(x, self.router.weight), self.lora_A,
