@@ -193,14 +193,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Time and measure every variant; return the results (also printed)."""
+def setup(args: argparse.Namespace) -> tuple[torch.device, Tensor]:
+    """Apply the thread count; the device and the stack's input."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.seq, args.dim, device=device, dtype=getattr(torch, args.dtype),
                     requires_grad=True)  # as if earlier layers train
+    return device, x
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Time and measure every variant; return the results (also printed)."""
+    device, x = setup(args)
     variants = build_variants(args)
     steps = {name: make_step(model, x) for name, model in variants.items()}
     times = measure(steps, args.warmup, args.steps, device)

@@ -14,7 +14,6 @@ import copy
 from pathlib import Path
 
 import layer
-import torch
 from common import machine, measure, summarize, write_json
 
 SETTINGS = [(2, 4), (4, 4), (8, 4), (16, 4), (6, 8), (6, 16), (6, 32), (6, 64), (16, 16)]
@@ -23,12 +22,7 @@ and the 1.5x check. (6, 4), the paper's setting, is layer.py's own."""
 
 
 def run(args: argparse.Namespace) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    x = torch.randn(args.batch, args.seq, args.dim, device=device, dtype=getattr(torch, args.dtype),
-                    requires_grad=True)
+    device, x = layer.setup(args)
     steps = {"frozen base": layer.make_step(layer.frozen_model(args), x)}
     for experts, rank in SETTINGS:
         setting = copy.copy(args)
