@@ -1,30 +1,33 @@
-"""CPU step time (forward + backward + AdamW step) of a stack of Llama MLP blocks: frozen base,
-LoRA of rank E*r, the loop-reference LoRAMoE and the production LoRAMoE, as ratios to frozen.
+"""One training step (forward + backward + AdamW) of a stack of Llama layers: step time and peak
+memory of the frozen base, our LoRA and PEFT's LoRA of rank E*r, the loop-reference LoRAMoE and
+the production LoRAMoE (and, with --compile, frozen and production under torch.compile), as
+ratios to the frozen base, all measured in one run, interleaved.
 
-    python benchmarks/layer.py [--blocks 4] [--dropout 0] [--json results.json]
+    python benchmarks/layer.py                                     # CPU, SmolLM2-135M MLP shape
+    python benchmarks/layer.py --device cuda --dtype bfloat16 --arch llama --dim 4096 --ffn 11008 \\
+        --blocks 8 --batch 4 --seq 2048 --compile                  # GPU, Llama-7B-shaped layers
+
+``--arch mlp`` stacks the MLP half of decoder layers (the adapted part alone, the hardest case for
+a ratio); ``--arch llama`` stacks whole Llama decoder layers with attention (transformers'
+LlamaModel, random weights). The optimizer is AdamW with ``fused=True``, which is what the
+training (Hugging Face Trainer's default ``adamw_torch_fused``) uses, for every variant alike.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import math
-import os
-import platform
-import statistics
-import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import machine, measure, step_peak_bytes, summarize, write_json
 from torch import Tensor, nn
+from transformers import LlamaConfig, LlamaModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.reference
-
-from loramoe import LoraConfig, LoraMoEConfig, attach  # noqa: E402
-from tests.reference import loramoe_delta_loop  # noqa: E402
+from loramoe import LoraConfig, LoraMoEConfig, attach
+from tests.reference import loramoe_delta_loop
 
 PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
 
@@ -51,6 +54,20 @@ class Block(nn.Module):
         return x + self.mlp(x)
 
 
+class Layers(nn.Module):
+    """Whole Llama decoder layers (attention + MLP) taking embeddings, returning hidden states."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__()
+        config = LlamaConfig(hidden_size=args.dim, intermediate_size=args.ffn, num_hidden_layers=args.blocks,
+                             num_attention_heads=max(1, args.dim // 128), vocab_size=128,
+                             max_position_embeddings=args.seq, attn_implementation="sdpa")
+        self.model = LlamaModel(config)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(inputs_embeds=x, use_cache=False).last_hidden_state
+
+
 class LoopLoraMoELinear(nn.Module):
     """A frozen linear plus the paper-style per-expert loop (tests/reference.py)."""
 
@@ -59,26 +76,47 @@ class LoopLoraMoELinear(nn.Module):
         self.base = base
         self.scale = alpha / rank
         self.dropout = dropout
-        self.router = nn.Parameter(torch.randn(experts, base.in_features) / math.sqrt(base.in_features))
-        self.lora_A = nn.Parameter(torch.randn(experts, rank, base.in_features) / math.sqrt(base.in_features))
-        self.lora_B = nn.Parameter(torch.randn(experts, base.out_features, rank) * 0.01)
+        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.router = nn.Parameter(torch.randn(experts, base.in_features, device=like["device"])
+                                   / math.sqrt(base.in_features))
+        self.lora_A = nn.Parameter(torch.randn(experts, rank, base.in_features, **like) / math.sqrt(base.in_features))
+        self.lora_B = nn.Parameter(torch.randn(experts, base.out_features, rank, **like) * 0.01)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base(x) + loramoe_delta_loop(x, self.router, self.lora_A, self.lora_B, self.scale,
                                                  self.dropout, self.training)
 
 
-def frozen_stack(args: argparse.Namespace) -> nn.Sequential:
-    model = nn.Sequential(*(Block(args.dim, args.ffn) for _ in range(args.blocks)))
-    return model.requires_grad_(False)
+def frozen_model(args: argparse.Namespace) -> nn.Module:
+    torch.manual_seed(0)  # every variant adapts the same base weights
+    with torch.device(args.device):
+        model = Layers(args) if args.arch == "llama" else nn.Sequential(*(Block(args.dim, args.ffn)
+                                                                          for _ in range(args.blocks)))
+    return model.to(getattr(torch, args.dtype)).requires_grad_(False)
 
 
-def with_loop_loramoe(model: nn.Sequential, args: argparse.Namespace) -> nn.Sequential:
-    for block in model:
-        for name in PROJECTIONS:
-            base = getattr(block.mlp, name)
-            adapted = LoopLoraMoELinear(base, args.experts, args.rank, args.alpha, args.dropout)
-            setattr(block.mlp, name, adapted)
+def with_loop_loramoe(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        if name.rpartition(".")[2] == "mlp":
+            for proj in PROJECTIONS:
+                base = getattr(module, proj)
+                setattr(module, proj, LoopLoraMoELinear(base, args.experts, args.rank, args.alpha, args.dropout))
+    return model
+
+
+def with_peft_lora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """PEFT's LoRA of the same total rank, adapters in float32 as ``get_peft_model`` makes them by
+    default (``autocast_adapter_dtype``) for a half-precision base."""
+    import peft
+
+    config = peft.LoraConfig(r=args.experts * args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                             target_modules=PROJECTIONS)
+    model = peft.inject_adapter_in_model(config, model)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+            if name.endswith("lora_B.default.weight"):
+                param.data.normal_(std=0.01)
     return model
 
 
@@ -96,91 +134,106 @@ def build_variants(args: argparse.Namespace) -> dict[str, nn.Module]:
                         target_modules=PROJECTIONS)
     lora = LoraConfig(r=args.experts * args.rank, alpha=args.alpha, dropout=args.dropout,
                       target_modules=PROJECTIONS)
-    variants = {
-        "frozen base": frozen_stack(args),
-        f"LoRA r={args.experts * args.rank}": randomise_lora_B(attach(frozen_stack(args), lora)),
-        "LoRAMoE loop-reference": with_loop_loramoe(frozen_stack(args), args),
-        "LoRAMoE production": randomise_lora_B(attach(frozen_stack(args), moe)),
-    }
+    total_rank = args.experts * args.rank
+    variants = {"frozen base": frozen_model(args)}
+    if "lora" in args.variants:
+        variants[f"LoRA r={total_rank}"] = randomise_lora_B(attach(frozen_model(args), lora))
+    if "peft" in args.variants:
+        variants[f"PEFT LoRA r={total_rank}"] = with_peft_lora(frozen_model(args), args)
+    if "loop" in args.variants:
+        variants["LoRAMoE loop-reference"] = with_loop_loramoe(frozen_model(args), args)
+    variants["LoRAMoE production"] = randomise_lora_B(attach(frozen_model(args), moe))
+    if args.compile:  # compiled frozen too: compile also fuses the base model's own elementwise ops
+        variants["frozen base + compile"] = torch.compile(frozen_model(args))
+        variants["LoRAMoE production + compile"] = torch.compile(copy.deepcopy(variants["LoRAMoE production"]))
     return {name: model.train() for name, model in variants.items()}
 
 
-def make_step(model: nn.Module, x: Tensor) -> Callable[[], None]:
-    # An empty param group (rather than no optimizer) keeps the frozen base on the same code path.
+def make_step(model: nn.Module, x: Tensor):
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": params}], lr=1e-4)
+    # an empty param group (rather than no optimizer) keeps the frozen base on the same code path
+    optimizer = torch.optim.AdamW([{"params": params}], lr=1e-4, fused=bool(params))
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         x.grad = None
-        model(x).mean().backward()
+        model(x).float().mean().backward()
         optimizer.step()
 
+    step.optimizer = optimizer
     return step
 
 
-def measure(steps: dict[str, Callable[[], None]], warmup: int, rounds: int) -> dict[str, list[float]]:
-    """Seconds per step. Variants run round-robin, starting one later each round, so drifting
-    machine load and cache state after a given neighbour hit every variant alike."""
-    names = list(steps)
-    for _ in range(warmup):
-        for name in names:
-            steps[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(rounds):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values()
+               for t in state.values() if isinstance(t, Tensor))
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=["mlp", "llama"], default="mlp")
     p.add_argument("--dim", type=int, default=576, help="hidden size (SmolLM2-135M)")
     p.add_argument("--ffn", type=int, default=1536, help="MLP intermediate size (SmolLM2-135M)")
-    p.add_argument("--blocks", type=int, default=4, help="MLP blocks in the stack")
+    p.add_argument("--blocks", type=int, default=4, help="layers in the stack")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--experts", type=int, default=6)
     p.add_argument("--rank", type=int, default=4, help="rank per expert; LoRA gets experts * rank")
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--dropout", type=float, default=0.05, help="adapter input dropout (paper: 0.05)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--variants", nargs="*", default=["lora", "peft", "loop"],
+                   help="besides frozen and production: any of lora peft loop")
+    p.add_argument("--compile", action="store_true", help="also frozen and production under torch.compile")
     p.add_argument("--steps", type=int, default=15, help="timed rounds (one step of every variant each)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     p.add_argument("--json", type=Path, help="also write the results here")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def setup(args: argparse.Namespace) -> tuple[torch.device, Tensor]:
+    """Apply the thread count; the device and the stack's input."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    x = torch.randn(args.batch, args.seq, args.dim, requires_grad=True)  # as if earlier layers train
+    x = torch.randn(args.batch, args.seq, args.dim, device=device, dtype=getattr(torch, args.dtype),
+                    requires_grad=True)  # as if earlier layers train
+    return device, x
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Time and measure every variant; return the results (also printed)."""
+    device, x = setup(args)
     variants = build_variants(args)
-    times = measure({name: make_step(model, x) for name, model in variants.items()}, args.warmup, args.steps)
-    median_ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
-    frozen_ms = median_ms["frozen base"]
-
-    print(f"{args.blocks} Llama MLP blocks d={args.dim} f={args.ffn}, {args.batch}x{args.seq} tokens, "
-          f"E={args.experts} r={args.rank}, dropout={args.dropout}, fp32, {torch.get_num_threads()} threads, "
-          f"median of {args.steps} steps")
-    print(f"{'variant':<26}{'ms/step':>10}{'vs frozen':>11}")
-    for name, ms in median_ms.items():
-        print(f"{name:<26}{ms:>10.1f}{ms / frozen_ms:>10.2f}x")
-    production, loop = median_ms["LoRAMoE production"], median_ms["LoRAMoE loop-reference"]
-    print(f"production vs loop-reference speed-up: {loop / production:.2f}x (goal >= 2x)")
-    print(f"production vs frozen: {production / frozen_ms:.2f}x (goal <= 1.15x)")
-
-    if args.json:
-        machine = {"platform": platform.platform(), "processor": platform.processor(),
-                   "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                   "torch": torch.__version__, "python": platform.python_version()}
-        result = {"machine": machine, "args": {k: v for k, v in vars(args).items() if k != "json"},
-                  "median_ms": median_ms,
-                  "ratio_to_frozen": {name: ms / frozen_ms for name, ms in median_ms.items()},
-                  "times_ms": {name: [1000 * s for s in t] for name, t in times.items()}}
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    steps = {name: make_step(model, x) for name, model in variants.items()}
+    times = measure(steps, args.warmup, args.steps, device)
+    peak = {}
+    for name, step in steps.items():
+        step.optimizer.zero_grad(set_to_none=True)  # the step starts with no gradients alive
+        x.grad = None
+        peak[name] = step_peak_bytes(step, device) + optimizer_state_bytes(step.optimizer)
+    median_ms, ratio = summarize(times, "frozen base")
+    peak_ratio = {name: b / peak["frozen base"] for name, b in peak.items()}
+    print(f"{args.blocks} {args.arch} layers d={args.dim} f={args.ffn}, {args.batch}x{args.seq} tokens, "
+          f"E={args.experts} r={args.rank}, dropout={args.dropout}, {args.dtype} on {args.device}, "
+          f"{torch.get_num_threads()} threads, median of {args.steps} steps")
+    print(f"{'variant':<30}{'ms/step':>10}{'vs frozen':>11}{'peak MiB':>10}{'vs frozen':>11}")
+    for name in median_ms:
+        print(f"{name:<30}{median_ms[name]:>10.1f}{ratio[name]:>10.2f}x{peak[name] / 2**20:>10.1f}"
+              f"{peak_ratio[name]:>10.2f}x")
+    if "LoRAMoE loop-reference" in median_ms:
+        print(f"production vs loop-reference speed-up: "
+              f"{median_ms['LoRAMoE loop-reference'] / median_ms['LoRAMoE production']:.2f}x")
+    result = {"machine": machine(device), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "median_ms": median_ms, "ratio_to_frozen": ratio, "peak_bytes": peak,
+              "peak_ratio_to_frozen": peak_ratio,
+              "times_ms": {name: [1000 * s for s in t] for name, t in times.items()}}
+    write_json(args.json, result)
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    run(parse_args())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -23,6 +26,16 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
 
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a Python child process that must run the code under test: this tree's
+    src/ first, then the tree itself (for ``tests``). Without src/ the child imports the editable
+    install's loramoe, which is /work/main's, not a worktree's, so a branch's test would compare
+    its own code against main's without a word."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]), **extra)
 
 
 @pytest.fixture

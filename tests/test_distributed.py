@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -13,10 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import save_tiny
+from tests.conftest import child_env, save_tiny
 from tests.test_train import _records
-
-REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
     import sys
@@ -50,7 +47,7 @@ def test_two_processes_agree_and_match_one_process_with_the_same_global_batch(tm
     script.write_text(SCRIPT)
     common = dict(data=[str(data)], model=str(tmp_path / "model"), max_steps=4, lr=5e-3, max_length=32,
                   dropout=0.0, save_steps=100, logging_steps=1, seed=0, warmup_ratio=0.0)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1")
     launcher = str(Path(sys.executable).parent / "accelerate")
     (tmp_path / "ddp").mkdir()
     ddp = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

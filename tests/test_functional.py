@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramoe.functional import (dropout_drop_mask, loramoe_inplace, lora_delta, lora_delta_weight, loramoe_delta,
-                                router_gates)
+from loramoe.functional import dropout_positions, drop_inputs, lora_delta, lora_delta_weight, loramoe_delta, router_gates
+from loramoe.fused import Member, inference_plan, loramoe_group, loramoe_group_inference
 from tests.reference import loramoe_delta_loop
 
 
@@ -58,59 +58,112 @@ def test_lora_delta_equals_dense_update():
     assert torch.allclose(lora_delta(x, a, b, 2.0), x @ lora_delta_weight(a, b, 2.0).T, atol=1e-5)
 
 
-def _fused_vs_reference(e, r, dropout=0.0, dtype=torch.float32, rel=0.0, tol=1e-5):
-    x, router, a, b = _random_loramoe(e=e, r=r)
-    base_w = torch.randn(b.shape[1], x.shape[-1], generator=torch.Generator().manual_seed(5)) / x.shape[-1] ** 0.5
-    leaves = [t.clone().to(dtype).requires_grad_(True) for t in (x, router, a, b)]
-    ref_leaves = [t.clone().to(dtype).requires_grad_(True) for t in (x, router, a, b)]
+def _group_case(k, e, r, d_in=24, d_outs=(40, 40, 16), bias=False, seed=0):
+    """x and k members (base weight, bias, router, A, B) with random weights."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 5, d_in, generator=g)
+    members = []
+    for d_out in d_outs[:k]:
+        members.append((torch.randn(d_out, d_in, generator=g) / d_in**0.5,
+                        torch.randn(d_out, generator=g) if bias else None,
+                        torch.randn(e, d_in, generator=g),
+                        torch.randn(e, r, d_in, generator=g) / d_in**0.5,
+                        torch.randn(e, d_out, r, generator=g) / (8 * r**0.5)))  # delta of order 1 at scale 8
+    return x, members
+
+
+def _as_mask(drop, shape):
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask.view(-1)[drop] = True
+    return mask
+
+
+def _fused_group_vs_loop(k, e, r, dropout=0.0, dtype=torch.float32, bias=False, conv1d=False, tol=1e-5, rel=0.0,
+                         as_mask=False):
+    """The fused group op against each member computed alone by the loop reference with the same
+    dropout mask, in outputs, gates and the gradients of x, every router, A and B (with a loss on
+    the gates as well, as the balancing constraint puts one there)."""
+    x, members = _group_case(k, e, r, bias=bias)
+    scale = 8.0
     torch.manual_seed(7)
-    keep = ~dropout_drop_mask(x.shape, dropout, x.device)
-    torch.manual_seed(7)  # loramoe_inplace draws the same mask: one for all experts
-    xs, rw, aa, bb = leaves
-    out, fused_gates = loramoe_inplace(xs @ base_w.to(dtype).T, xs, rw.float(), aa, bb, scale=8.0,
-                                       dropout=dropout, training=dropout > 0)
-    xr, rr, ar, br = ref_leaves
-    dropped = xr * keep / (1 - dropout)
-    gates = router_gates(xr, rr)  # the router sees x without dropout
-    ref = xr @ base_w.to(dtype).T + sum(gates[..., i:i + 1].to(dtype) * (dropped @ ar[i].T @ br[i].T) * 8.0
-                                         for i in range(e))
+    drop = dropout_positions(x.shape, dropout, x.device) if dropout else None  # flat indices on the CPU
+    mask = None if drop is None else _as_mask(drop, x.shape)
+    if as_mask:  # the representation used on GPUs
+        drop = mask
+
+    def leaves():
+        return ([x.clone().to(dtype).requires_grad_(True)],
+                [[None if t is None else t.clone().to(torch.float32 if j == 2 else dtype).requires_grad_(j >= 2)
+                  for j, t in enumerate(m)] for m in members])
+
+    (xf,), fused_params = leaves()
+    fused_members = [Member(w.T.contiguous().T if conv1d else w, b, rw, a, bb) for w, b, rw, a, bb in fused_params]
+    outs, gates = loramoe_group(xf, fused_members, scale, drop, 1 / (1 - dropout))
+    (xr,), ref_params = leaves()
+    ref_outs = [xr @ w.T + (0 if b is None else b) + loramoe_delta_loop(xr, rw, a, bb, scale, dropout, drop=mask)
+                for w, b, rw, a, bb in ref_params]
+    ref_gates = torch.stack([router_gates(xr, rw) for _, _, rw, _, _ in ref_params], dim=-2)
 
     def close(got, want):
         return (got.float() - want.float()).abs().max() <= tol + rel * want.float().abs().max()
 
-    assert close(out, ref) and close(fused_gates, gates)
-    upstream = torch.randn_like(out)
-    on_gates = torch.randn_like(gates)  # a loss on the gates too, as the balancing constraint is
-    ((out * upstream).mean() + (fused_gates * on_gates).sum()).backward()
-    ((ref * upstream).mean() + (gates * on_gates).sum()).backward()
-    for name, got, want in zip(["x", "router", "lora_A", "lora_B"], leaves, ref_leaves):
-        assert close(got.grad, want.grad), name
+    assert gates.shape == (3, 5, k, e) and gates.dtype == torch.float32 and close(gates, ref_gates)
+    assert all(close(o, w) for o, w in zip(outs, ref_outs))
+    upstream = [torch.randn_like(o) for o in outs]
+    on_gates = torch.randn_like(gates)
+    sum((o * u).mean() for o, u in zip(outs, upstream)).add((gates * on_gates).sum()).backward()
+    sum((o * u).mean() for o, u in zip(ref_outs, upstream)).add((ref_gates * on_gates).sum()).backward()
+    assert close(xf.grad, xr.grad), "x"
+    for i, (got, want) in enumerate(zip(fused_params, ref_params)):
+        for name, j in [("router", 2), ("lora_A", 3), ("lora_B", 4)]:
+            assert got[j].grad.shape == want[j].grad.shape and close(got[j].grad, want[j].grad), f"member {i} {name}"
 
 
-@pytest.mark.parametrize("e,r", [(1, 1), (6, 4), (16, 16)])
-def test_fused_inplace_op_equals_loop_reference(e, r):
-    _fused_vs_reference(e, r)
-    x, router, a, b = _random_loramoe(e=e, r=r)
-    fused, _ = loramoe_inplace(torch.zeros(3, 5, b.shape[1]), x, router, a, b, 8.0)
-    assert (fused - loramoe_delta_loop(x, router, a, b, 8.0)).abs().max() <= 1e-5
+@pytest.mark.parametrize("k,e,r", [(1, 1, 1), (1, 6, 4), (2, 6, 4), (3, 16, 16)])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_fused_group_op_equals_loop_reference(k, e, r, dropout):
+    _fused_group_vs_loop(k, e, r, dropout)
 
 
-def test_fused_op_with_dropout_uses_one_mask_for_all_experts():
-    _fused_vs_reference(6, 4, dropout=0.25)
+def test_fused_group_op_with_bias_and_transposed_base_weight():
+    _fused_group_vs_loop(2, 6, 4, dropout=0.25, bias=True, conv1d=True)
 
 
-def test_fused_op_in_bfloat16():
-    _fused_vs_reference(6, 4, dtype=torch.bfloat16, rel=0.02, tol=0.0)  # a few bf16 ulps
+def test_fused_group_op_with_a_bool_dropout_mask():
+    _fused_group_vs_loop(2, 6, 4, dropout=0.25, as_mask=True)
 
 
-def test_keep_mask_rate_reproducibility_and_independence():
+def test_fused_group_op_in_bfloat16():
+    _fused_group_vs_loop(2, 6, 4, dtype=torch.bfloat16, rel=0.03, tol=0.0)  # a few bf16 ulps
+
+
+def test_inference_path_equals_the_autograd_op():
+    x, members = _group_case(2, 6, 4, bias=True)
+    members = [Member(*m) for m in members]
+    outs, gates = loramoe_group(x, members, 8.0)
+    fast_outs, fast_gates = loramoe_group_inference(x, inference_plan(members, x.dtype, 8.0))
+    assert torch.allclose(fast_gates, gates) and all(torch.allclose(f, o, atol=1e-5) for f, o in zip(fast_outs, outs))
+
+
+def test_dropout_positions_rate_reproducibility_and_independence():
+    shape, p = (512, 1024), 0.05
     torch.manual_seed(0)
-    mask = ~dropout_drop_mask((512, 1024), 0.05, torch.device("cpu"))
+    drop = dropout_positions(shape, p, torch.device("cpu"))
     torch.manual_seed(0)
-    assert torch.equal(mask, ~dropout_drop_mask((512, 1024), 0.05, torch.device("cpu")))
-    assert mask.dtype == torch.bool and abs((~mask).float().mean().item() - 0.05) < 0.002
-    lanes = (~mask).view(-1, 4).float()  # the four 16-bit lanes of each random word
-    assert all(abs(lanes[:, i].mean().item() - 0.05) < 0.003 for i in range(4))
-    both = (lanes[:, 0] * lanes[:, 1]).mean().item()
-    assert abs(both - 0.05 ** 2) < 0.001  # lanes are independent
-    assert not dropout_drop_mask((7,), 0.0, torch.device("cpu")).any()
+    assert torch.equal(drop, dropout_positions(shape, p, torch.device("cpu")))
+    assert drop.dtype == torch.long and bool((drop[1:] > drop[:-1]).all()) and 0 <= drop[0] and drop[-1] < 512 * 1024
+    mask = _as_mask(drop, shape).float()
+    assert abs(mask.mean().item() - p) < 0.002
+    assert abs(mask[:, :512].mean().item() - mask[:, 512:].mean().item()) < 0.002  # no drift along the tensor
+    neighbours = (mask.view(-1)[1:] * mask.view(-1)[:-1]).mean().item()
+    assert abs(neighbours - p**2) < 0.0005  # adjacent elements are independent
+    assert dropout_positions((7,), 0.0, torch.device("cpu")).numel() == 0
+    assert set(dropout_positions((3,), 0.9, torch.device("cpu")).tolist()) <= {0, 1, 2}  # none past the end
+
+
+def test_drop_inputs_by_index_or_mask():
+    x = torch.randn(4, 6)
+    drop = torch.tensor([0, 7, 23])
+    want = x.clone()
+    want.view(-1)[drop] = 0.0
+    assert torch.equal(drop_inputs(x, drop), want) and torch.equal(drop_inputs(x, _as_mask(drop, x.shape)), want)

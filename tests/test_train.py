@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -17,9 +16,7 @@ from safetensors.torch import load_file
 from loramoe.cli import main as cli_main
 from loramoe.train import train
 from loramoe.trainer import COMPLETE_MARKER, TrainingDiverged
-from tests.conftest import save_tiny
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import child_env, save_tiny
 
 
 def _records(n: int = 16) -> list[dict]:
@@ -169,14 +166,23 @@ KILLER = textwrap.dedent("""
 """)
 
 
+def test_child_processes_run_the_loramoe_under_test():
+    """The kill test trains in a child process: it must import this tree's loramoe, not the editable
+    install's (main's), or a branch's resumed run would replay steps main's code had trained."""
+    import loramoe
+
+    child = subprocess.run([sys.executable, "-c", "import loramoe; print(loramoe.__file__)"], env=child_env(),
+                           capture_output=True, text=True, check=True)
+    assert Path(child.stdout.strip()) == Path(loramoe.__file__)
+
+
 def test_resume_after_a_kill_during_a_checkpoint_matches_an_uninterrupted_run(tiny_model_dir, data_file, tmp_path):
     settings = _common(tiny_model_dir, data_file, max_steps=6, dropout=0.1)
     train(**settings, output=tmp_path / "straight")
     killed = dict(settings, output=str(tmp_path / "killed"))
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    run = subprocess.run([sys.executable, str(script), repr(killed)], env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, str(script), repr(killed)], env=child_env(), capture_output=True, text=True)
     assert run.returncode == -9, run.stderr[-2000:]
     checkpoints = tmp_path / "killed" / "checkpoints"
     assert (checkpoints / "checkpoint-4").is_dir() and not (checkpoints / "checkpoint-4" / COMPLETE_MARKER).exists()

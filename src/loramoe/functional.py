@@ -17,7 +17,9 @@ in between::
     x -----------> W_g --> softmax (fp32) --> g (E) ---^
 
 The shared form draws one dropout mask for all experts; the reference code draws one per expert.
-Both are equal in expectation; equivalence tests run without dropout.
+Both are equal in expectation; equivalence tests run without dropout. The production op, which
+also folds in the base layer and serves projections that share their input together, is
+:mod:`loramoe.fused`.
 """
 
 from __future__ import annotations
@@ -61,99 +63,46 @@ def loramoe_delta(x: Tensor, gates: Tensor, lora_A: Tensor, lora_B: Tensor, scal
     return F.linear(h, b_cat)
 
 
-def dropout_drop_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> Tensor:
-    """A boolean mask of the elements dropout zeroes, each with probability p.
+def dropout_positions(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> Tensor:
+    """The elements dropout zeroes, each independently with probability p: on the CPU the sorted
+    flat (row-major) indices as int64, elsewhere a bool mask of ``shape``.
 
-    On the CPU, drawing one random number per element (as ``F.dropout`` does) costs more than all
-    of an adapter's matmuls together, so the mask comes from random 64-bit words split into four
-    16-bit lanes: a quarter of the draws, with p rounded to a multiple of 1/65536. Both draw from
-    torch's default generator, so ``torch.manual_seed`` makes them reproducible. A bool mask applied
-    with ``masked_fill`` costs one pass and no float copy of the mask.
+    On the CPU, one random number per element (as ``F.dropout`` draws) costs more than all of an
+    adapter's matmuls, and applying a bool mask (``masked_fill``) runs at a quarter of the speed of
+    a copy. The positions of the dropped elements are a Bernoulli(p) process, so they are the
+    running sums of geometric gaps: p times fewer draws, exact p, and zeroing by index is a copy
+    plus a scatter over p of the elements. On a GPU, where a mask costs one fast pass and reading
+    back a count would stall the stream, it is a plain mask, drawn straight into bool (a float
+    ``rand`` and a comparison would pass over five bytes per element more). Both draw from torch's
+    default generators, so ``torch.manual_seed`` makes them reproducible.
     """
     if device.type != "cpu":
-        return torch.rand(shape, device=device) < p
+        return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(p)
     n = math.prod(shape)
-    words = torch.empty(-(-n // 4), dtype=torch.int64).random_(-(2**63), None)  # full 64-bit range
-    lanes = words.view(torch.int16)[:n]  # uniform over [-32768, 32767]
-    return (lanes < round(p * 65536) - 32768).view(shape)
+    if p <= 0 or n == 0:
+        return torch.empty(0, dtype=torch.long)
+    mean = n * p
+    chunks, last = [], -1.0
+    while last < n - 1:  # the first draw covers n but with probability ~1e-9
+        gaps = torch.empty(int(mean + 6 * math.sqrt(mean) + 16), dtype=torch.float64).geometric_(p)
+        chunks.append(gaps.cumsum_(0).add_(last))  # float64 holds these integers exactly
+        last = chunks[-1][-1].item()
+    positions = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+    return positions[:int(torch.searchsorted(positions, float(n)))].long()
 
 
-class _LoraMoEInPlace(torch.autograd.Function):
-    """Router and experts of one LoRAMoE layer as one autograd node, adding the mixture to the base
-    layer's output in place; returns ``(out, gates)``.
-
-    Autograd alone would keep a float copy of the dropped-out input, the rank-space activations
-    before and after gating and a separate delta tensor, and would read x, write the input
-    gradient and add it up separately for the router and the experts. This keeps x (the base layer
-    keeps it anyway), a one-byte dropout mask, the (N, E) gates and the (N, E*r) activations; without
-    dropout, router and experts share one matmul over x forwards and one each way backwards. The
-    dropout scale 1/(1-p) rides on the gates. On this CPU, passes over (N, d) tensors cost more than
-    the arithmetic, so every pass saved counts.
-    """
-
-    @staticmethod
-    def forward(ctx, out: Tensor, x: Tensor, router_weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                scale: float, drop: Tensor | None, keep_scale: float) -> tuple[Tensor, Tensor]:
-        num_experts, rank, d_in = lora_A.shape
-        d_out = lora_B.shape[1]
-        x2 = x.reshape(-1, d_in)  # (N, d_in)
-        a_cat = lora_A.reshape(num_experts * rank, d_in)  # (E*r, d_in)
-        shared = drop is None and x.dtype == torch.float32 and router_weight.dtype == torch.float32
-        if shared:  # one pass over x for router and experts
-            both = x2 @ torch.cat([a_cat, router_weight]).T  # (N, E*r + E)
-            h, logits = both[:, :-num_experts], both[:, -num_experts:]
-        else:
-            logits = x2.float() @ router_weight.float().T  # (N, E) in float32
-            h = (x2 if drop is None else x2.masked_fill(drop.reshape(-1, d_in), 0.0)) @ a_cat.T  # (N, E*r)
-        gates = torch.softmax(logits, dim=-1)  # (N, E) float32
-        weights = (gates * (scale * keep_scale)).to(h.dtype).repeat_interleave(rank, dim=1)  # (N, E*r)
-        b_cat = lora_B.permute(1, 0, 2).reshape(d_out, num_experts * rank)  # (d_out, E*r)
-        out.view(-1, d_out).addmm_(h * weights, b_cat.T)
-        ctx.mark_dirty(out)
-        ctx.save_for_backward(x, router_weight, lora_A, lora_B, drop, gates, h)
-        ctx.scale, ctx.keep_scale, ctx.shared = scale, keep_scale, shared
-        return out, gates.view(*x.shape[:-1], num_experts)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor, grad_gates_out: Tensor | None):
-        x, router_weight, lora_A, lora_B, drop, gates, h = ctx.saved_tensors
-        num_experts, rank, d_in = lora_A.shape
-        d_out = lora_B.shape[1]
-        g = grad_out.reshape(-1, d_out)  # (N, d_out)
-        x2 = x.reshape(-1, d_in)
-        a_cat = lora_A.reshape(num_experts * rank, d_in)
-        b_cat = lora_B.permute(1, 0, 2).reshape(d_out, num_experts * rank)
-        gate_scale = ctx.scale * ctx.keep_scale
-        weights = (gates * gate_scale).to(h.dtype).repeat_interleave(rank, dim=1)  # (N, E*r)
-        grad_hw = g @ b_cat  # (N, E*r): gradient of the gated activations
-        grad_b = (g.T @ (h * weights)).view(d_out, num_experts, rank).permute(1, 0, 2)  # (E, d_out, r)
-        grad_gates = (grad_hw * h).view(-1, num_experts, rank).sum(-1).float() * gate_scale  # (N, E)
-        if grad_gates_out is not None:  # a loss on the gates themselves (the balancing constraint)
-            grad_gates = grad_gates + grad_gates_out.reshape(-1, num_experts)
-        grad_logits = gates * (grad_gates - (grad_gates * gates).sum(-1, keepdim=True))  # softmax backward
-        grad_h = grad_hw * weights
-        if ctx.shared:
-            grad_both = torch.cat([grad_h, grad_logits], dim=1)  # (N, E*r + E)
-            grad_x = grad_both @ torch.cat([a_cat, router_weight])
-            grad_params = grad_both.T @ x2
-            grad_a, grad_router = grad_params[:-num_experts], grad_params[-num_experts:]
-        else:
-            dropped = x2 if drop is None else x2.masked_fill(drop.reshape(-1, d_in), 0.0)
-            grad_x = grad_h @ a_cat
-            if drop is not None:
-                grad_x.masked_fill_(drop.reshape(-1, d_in), 0.0)
-            grad_x = grad_x.addmm_(grad_logits.to(grad_x.dtype), router_weight.to(grad_x.dtype))
-            grad_a = grad_h.T @ dropped
-            grad_router = grad_logits.T @ x2.float()
-        return (grad_out, grad_x.view_as(x), grad_router.to(router_weight.dtype),
-                grad_a.view(num_experts, rank, d_in), grad_b.contiguous(), None, None, None)
+def drop_inputs(x2: Tensor, drop: Tensor) -> Tensor:
+    """A copy of x2 (N, d) with the elements ``drop`` names (see :func:`dropout_positions`) zeroed."""
+    if drop.dtype == torch.bool:
+        return x2.masked_fill(drop, 0.0)
+    out = x2.clone()
+    out.view(-1).index_fill_(0, drop, 0.0)
+    return out
 
 
-def loramoe_inplace(out: Tensor, x: Tensor, router_weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                    scale: float, dropout: float = 0.0, training: bool = False) -> tuple[Tensor, Tensor]:
-    """``(out + loramoe_delta(...), gates)`` by one fused autograd node that writes into ``out``
-    (a fresh tensor such as a layer's output, in the adapter's dtype). The gates (..., E) are
-    float32 and differentiable. Dropout draws :func:`dropout_drop_mask`."""
-    drop = dropout_drop_mask(x.shape, dropout, x.device) if training and dropout > 0 else None
-    return _LoraMoEInPlace.apply(out, x, router_weight, lora_A, lora_B, scale, drop,
-                                 1.0 / (1.0 - dropout) if drop is not None else 1.0)
+def zero_dropped_(t: Tensor, drop: Tensor) -> Tensor:
+    """Zero, in place, the elements of the contiguous t (N, d) that ``drop`` names."""
+    if drop.dtype == torch.bool:
+        return t.masked_fill_(drop, 0.0)
+    t.view(-1).index_fill_(0, drop, 0.0)
+    return t

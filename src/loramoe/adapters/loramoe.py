@@ -3,7 +3,15 @@
 Every adapted projection gets its own router ``W_g`` (E, d_in, float32) and E experts stored
 concatenated: ``lora_A`` (E, r, d_in), ``lora_B`` (E, d_out, r). Initialisation follows the
 reference code: ``A_i`` and ``W_g`` kaiming-uniform (a = sqrt(5)), ``B_i`` zeros, so the model
-starts exactly equal to the base. The maths lives in :mod:`loramoe.functional`.
+starts exactly equal to the base. The maths lives in :mod:`loramoe.functional` (plain form) and
+:mod:`loramoe.fused` (the production op).
+
+Projections that read the same input (a Llama MLP's ``gate_proj`` and ``up_proj``, see
+:data:`SHARED_INPUT_NAMES`) run as one group: whichever is called first computes
+both, in one fused op with one dropout mask, and hands its sibling the result, which the sibling
+returns when the model calls it with that same input tensor (same object, not modified in place
+since). The model's own forward code runs unchanged, so any call order, a sibling called with
+other inputs or alone, and recomputation under gradient checkpointing all stay correct.
 
 The router depends on the input, so LoRAMoE cannot be merged into W0.
 """
@@ -18,10 +26,32 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from loramoe.adapters.base import AdapterConfig, AdapterLayer, MergeError
-from loramoe.functional import loramoe_delta, loramoe_inplace, router_gates
+from transformers.pytorch_utils import Conv1D
+
+from loramoe.adapters.base import SUPPORTED_BASE_LAYERS, AdapterConfig, AdapterLayer, MergeError
+from loramoe.functional import dropout_positions, loramoe_delta, router_gates
+from loramoe.fused import Member, inference_plan, loramoe_group, loramoe_group_inference
 
 RoutingHook = Callable[["LoraMoELinear", Tensor], None]
+
+SHARED_INPUT_NAMES: tuple[frozenset[str], ...] = (
+    frozenset({"gate_proj", "up_proj"}),  # Llama, Mistral, Qwen2, Gemma, ... MLPs
+    frozenset({"q_proj", "k_proj", "v_proj"}),  # their attention, when targeted
+    frozenset({"w1", "w3"}),  # Mixtral's experts
+)
+"""Sibling module names that read the same input in the architectures that use them."""
+
+
+def shared_input_groups(paths: list[str]) -> list[list[str]]:
+    """The paths, among ``paths``, that form a group of :data:`SHARED_INPUT_NAMES` under one parent
+    (two or more members), in the given order."""
+    groups: dict[tuple[str, frozenset[str]], list[str]] = {}
+    for path in paths:
+        parent, _, name = path.rpartition(".")
+        for names in SHARED_INPUT_NAMES:
+            if name in names:
+                groups.setdefault((parent, names), []).append(path)
+    return [group for group in groups.values() if len(group) > 1]
 
 
 @dataclass
@@ -101,6 +131,10 @@ class LoraMoELinear(AdapterLayer):
         self.scale = config.scale
         self.dropout = config.dropout
         self.routing_hook: RoutingHook | None = None
+        self.input_siblings: tuple[LoraMoELinear, ...] = ()
+        """Adapter layers that read the same input as this one (set by ``build_layers``)."""
+        self._handed: tuple | None = None  # (x, x's version, output, gates) a sibling computed for us
+        self._inference_plan: tuple | None = None  # (key, InferencePlan) for generation without autograd
         dtype = self.parameter_dtype(base_layer, config)
         device = base_layer.weight.device
         e, r = config.num_experts, config.r
@@ -111,26 +145,69 @@ class LoraMoELinear(AdapterLayer):
         for expert_A in self.lora_A.data:  # per expert: fan_in is d_in, as for an nn.Linear(d_in, r)
             nn.init.kaiming_uniform_(expert_A, a=math.sqrt(5))
 
+    @classmethod
+    def build_layers(cls, bases: dict[str, nn.Module], config: AdapterConfig) -> dict[str, LoraMoELinear]:
+        layers = super().build_layers(bases, config)
+        for group in shared_input_groups(list(layers)):
+            for path in group:
+                layers[path].input_siblings = tuple(layers[p] for p in group if p != path)
+        return layers
+
     @property
     def num_experts(self) -> int:
         return self.lora_A.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)
         if self.merged or self.disabled:
-            return out
-        # the fused path writes into the base output, which must be a tensor of its own: GPT-2's
-        # Conv1D returns a view, which autograd can't let a two-output function modify in place
-        if out.dtype == x.dtype == self.lora_A.dtype and not out._is_view():
-            out, gates = loramoe_inplace(out, x, self.router.weight, self.lora_A, self.lora_B, self.scale,
-                                         self.dropout, self.training)
-        else:
+            return self.base_layer(x)
+        handed, self._handed = self._handed, None
+        if handed is not None and handed[0] is x and handed[1] == x._version:
+            out, gates = handed[2], handed[3]
+        elif self._fusable(x) and not (torch.compiler.is_compiling() and not torch.is_grad_enabled()):
+            group = [self, *(s for s in self.input_siblings if s._fusable(x) and s.training == self.training)]
+            outs, all_gates = self._run_group(x, group)
+            for i, sibling in enumerate(group[1:], 1):
+                sibling._handed = (x, x._version, outs[i], all_gates[..., i, :])
+            out, gates = outs[0], all_gates[..., 0, :]
+        else:  # a base the op can't fold in (hooks, trainable, other dtype), or generation under
+            # torch.compile, where plain maths lets inductor fuse the adapter and CUDA graphs remove
+            # its launches, and the group's caches and hand-offs would only break the graph: plain ops
             gates = router_gates(x, self.router.weight)  # (..., E) float32
-            out = out + loramoe_delta(x.to(self.lora_A.dtype), gates, self.lora_A, self.lora_B, self.scale,
-                                      self.dropout, self.training).to(out.dtype)
+            out = self.base_layer(x) + loramoe_delta(x.to(self.lora_A.dtype), gates, self.lora_A, self.lora_B,
+                                                     self.scale, self.dropout, self.training).to(x.dtype)
         if self.routing_hook is not None:
             self.routing_hook(self, gates)
         return out
+
+    def _fusable(self, x: Tensor) -> bool:
+        """Whether the fused op can compute this layer for x: an active adapter over a frozen,
+        hook-free nn.Linear or Conv1D base in x's dtype (the op calls no base module). Reads the
+        module dicts directly: this runs for every layer and decoded token, where nn.Module's
+        attribute lookup would cost more than the check."""
+        base, params = self._modules["base_layer"], self._parameters
+        weight, bias = base._parameters["weight"], base._parameters.get("bias")
+        return (not self.merged and not self.disabled and type(base) in SUPPORTED_BASE_LAYERS
+                and not base._forward_hooks and not base._forward_pre_hooks and "forward" not in base.__dict__
+                and not weight.requires_grad and (bias is None or not bias.requires_grad)
+                and weight.dtype == params["lora_A"].dtype == x.dtype)
+
+    def _member(self) -> Member:
+        base, params = self._modules["base_layer"], self._parameters
+        weight = base._parameters["weight"]
+        return Member(weight.T if isinstance(base, Conv1D) else weight, base._parameters.get("bias"),
+                      self._modules["router"]._parameters["weight"], params["lora_A"], params["lora_B"])
+
+    def _run_group(self, x: Tensor, group: list[LoraMoELinear]) -> tuple[list[Tensor], Tensor]:
+        members = [layer._member() for layer in group]
+        training = self.training and self.dropout > 0
+        if torch.is_grad_enabled() or training:
+            drop = dropout_positions(x.shape, self.dropout, x.device) if training else None
+            return loramoe_group(x, members, self.scale, drop, 1.0 / (1.0 - self.dropout) if training else 1.0)
+        # generation: no autograd node, the experts laid out once and kept until a tensor changes
+        key = (x.dtype, *((t.data_ptr(), t._version) for m in members for t in m if t is not None))
+        if self._inference_plan is None or self._inference_plan[0] != key:
+            self._inference_plan = (key, inference_plan(members, x.dtype, self.scale))
+        return loramoe_group_inference(x, self._inference_plan[1])
 
     def adapter_delta(self, x: Tensor) -> Tensor:
         return loramoe_delta(x.to(self.lora_A.dtype), router_gates(x, self.router.weight), self.lora_A,
