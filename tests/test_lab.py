@@ -96,6 +96,21 @@ def test_an_interrupted_run_is_taken_up_where_it_stopped(tiny_lab, monkeypatch):
     assert scored == [str(folder / "eval")] and (folder / "lab_run.json").is_file()
 
 
+def test_other_eval_settings_rescore_every_run_and_retrain_only_dropped_full_weights(tiny_lab, monkeypatch):
+    root, config, _ = tiny_lab
+    trained: list[str] = []
+    real_train = lab_runs.train
+    monkeypatch.setattr(lab_runs, "train", lambda **kw: trained.append(Path(kw["output"]).name) or real_train(**kw))
+    other = root / "other_eval.yaml"
+    other.write_text(config.read_text().replace("knowledge: 3,", "knowledge: 2,"))
+    results = lab(lab_config=other, output=root / "out")
+    assert sorted(name.rsplit("-", 1)[0] for name in trained) == [
+        "full-1x", "full-2x", "full-2x-sequential", "full-2x-sequential-stage1"]
+    assert all(row["knowledge_questions"] == 2 * 6 for row in results["runs"])
+    assert results["base"]["knowledge_questions"] == 2 * 6
+    check_report(root / "out")
+
+
 def test_cli_runs_the_lab_and_writes_a_config_to_copy(tiny_lab, tmp_path):
     root, config, _ = tiny_lab
     cli_main(["lab", "--config", str(config), "--output", str(root / "out")])

@@ -25,7 +25,8 @@ from loramoe.lab.config import DEFAULT_CONFIG, load_config
 from loramoe.lab.mix import build_mix
 from loramoe.lab.report import render
 from loramoe.lab.results import base_row, findings, run_row
-from loramoe.lab.runs import DONE, WEIGHTS, Run, execute, finish_stage, plan, run_folder, score_base
+from loramoe.lab.runs import (DONE, WEIGHTS, Run, execute, finish_stage, forget_stale_score, plan, run_folder,
+                              score_base)
 
 EVAL_COST = 48
 """Scoring one model costs about as much as training on this many records (for the time left)."""
@@ -91,10 +92,12 @@ def lab(
     base_eval, base_evaluation = score_base(settings, mix, output)
     progress.update(EVAL_COST)
     base = base_row(base_evaluation)
+    for run in runs:  # before any run: a first stage to redo comes before its second stage
+        forget_stale_score(run, settings, mix, output)
+        _parent_ready(run, output)
     rows = []
     for i, run in enumerate(runs, 1):
         progress.set_postfix_str(f"run {i}/{len(runs)}: {run.name}")
-        _parent_ready(run, output)
         cached = (run_folder(output, run) / DONE).is_file()
         record = execute(run, settings, mix, output, base_eval)
         finish_stage(run, output, settings)

@@ -3,7 +3,8 @@ by the hash of everything that determines its result, trained, then scored with 
 
 A run is done when its ``lab_run.json`` exists (written last, atomically). A run that was cut off
 is taken up again: training resumes from its last complete checkpoint, a finished training is only
-scored. Changing a setting changes the hash, so only the runs it touches are redone.
+scored. Changing a training setting changes the hash, so only the runs it touches are redone;
+changing an eval setting rescores every run (``scoring_key``) without training it again.
 """
 
 from __future__ import annotations
@@ -94,17 +95,37 @@ def _eval_settings(config: LabConfig, mix: Mix) -> dict[str, Any]:
                 seed=config.seed, train_data=[str(mix.sizes[mix.largest])])
 
 
-def score_base(config: LabConfig, mix: Mix, lab_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The base model's eval.json on the lab's items (cached like a run): every run's comparison
-    reads it instead of asking the base model again."""
+def scoring_key(config: LabConfig, mix: Mix) -> str:
+    """The hash of everything a score depends on besides the model: a run scored under another
+    key (other test items, limits, generation settings) is scored again."""
     settings = _eval_settings(config, mix)
     identity = {**settings, "train_data": [file_hash(Path(p)) for p in settings["train_data"]],
                 "model": config.model, "version": version("loramoe")}
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    folder = lab_dir / "runs" / f"base-{key[:10]}"
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def score_base(config: LabConfig, mix: Mix, lab_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The base model's eval.json on the lab's items (cached like a run): every run's comparison
+    reads it instead of asking the base model again."""
+    folder = lab_dir / "runs" / f"base-{scoring_key(config, mix)[:10]}"
     if not (folder / "eval.json").is_file():
-        evaluate(model=config.model, output=folder, **settings)
+        evaluate(model=config.model, output=folder, **_eval_settings(config, mix))
     return folder / "eval.json", json.loads((folder / "eval.json").read_text())
+
+
+def forget_stale_score(run: Run, config: LabConfig, mix: Mix, lab_dir: Path) -> None:
+    """A done run scored under other eval settings is made not done: its training is kept and it
+    is scored again, but a full fine-tuning run whose weights were dropped is trained again."""
+    folder = run_folder(lab_dir, run)
+    done = folder / DONE
+    if not run.scored or not done.is_file():
+        return
+    if json.loads(done.read_text()).get("scored_with") == scoring_key(config, mix):
+        return
+    if run.method == "full" and not any((folder / name).is_file() for name in WEIGHTS):
+        shutil.rmtree(folder)
+    else:
+        done.unlink()
 
 
 def execute(run: Run, config: LabConfig, mix: Mix, lab_dir: Path, base_eval: Path) -> dict[str, Any]:
@@ -138,6 +159,7 @@ def execute(run: Run, config: LabConfig, mix: Mix, lab_dir: Path, base_eval: Pat
             dict(model=config.model, adapter=folder)
         evaluate(**scoring, base_eval=base_eval, output=folder / "eval", **_eval_settings(config, mix))
         record["eval"] = "eval/eval.json"
+        record["scored_with"] = scoring_key(config, mix)
     record["seconds"] = round(time.time() - started, 1)
     atomic_write_text(done, json.dumps(record, indent=2) + "\n")
     if run.method == "full" and run.scored and not config.keep_full_weights:
