@@ -40,13 +40,13 @@ from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import adapter_config
 from loramoe.fileio import atomic_write_text
 from loramoe.balance import balancing_loss, group_shares
+from loramoe.data import IGNORE_INDEX
 from loramoe.routing import capture_routing
 from loramoe.sampling import LengthGroupedSampler
 from loramoe.serialization import load_adapter, save_adapter
 
 COMPLETE_MARKER = "loramoe_checkpoint_complete.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-IGNORE_INDEX = -100
 
 
 class TrainingDiverged(RuntimeError):
@@ -155,16 +155,14 @@ class LoraMoETrainer(Trainer):
         if num_items_in_batch is None:
             loss = loss / (picked != IGNORE_INDEX).sum().clamp(min=1)
         else:
-            loss = loss / num_items_in_batch
-            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:  # as the Trainer does
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
-                               else self.args.n_gpu)
+            loss = loss / num_items_in_batch * self._lm_scale()
         return (loss, outputs) if return_outputs else loss
 
     def _lm_scale(self) -> float:
         """The factor the Trainer put on the LM loss for distributed token averaging."""
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
-            return float(self.accelerator.num_processes)
+            return float(self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
+                         else self.args.n_gpu)
         return 1.0
 
     def _record_balance(self, importance: torch.Tensor, sample_types: torch.Tensor,

@@ -12,11 +12,12 @@ import inspect
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 
 from loramoe.suites.knowledge import RELATIONS
+from loramoe.suites.records import AnswerStyle
 from loramoe.suites.translation import LANGUAGES
 from loramoe.suites.wiki import TEMPLATES as WIKI_TASKS
 from loramoe.train import train
@@ -106,8 +107,9 @@ def _check(config: LabConfig, where: str) -> None:
         raise LabConfigError(f"{where}: mix.unit and mix.templates must be >= 1 and mix.sizes positive")
     if not 0.0 < mix.knowledge_share < 1.0:
         raise LabConfigError(f"{where}: mix.knowledge_share must be between 0 and 1, got {mix.knowledge_share}")
-    if mix.answer_style not in ("short", "sentence"):
-        raise LabConfigError(f"{where}: mix.answer_style must be short or sentence, got '{mix.answer_style}'")
+    if mix.answer_style not in get_args(AnswerStyle):
+        raise LabConfigError(f"{where}: mix.answer_style must be one of {', '.join(get_args(AnswerStyle))}, "
+                             f"got '{mix.answer_style}'")
     for key, allowed in (("knowledge", RELATIONS), ("tasks", TASKS)):
         bad = [name for name in getattr(mix, key) if name not in allowed]
         if bad or not getattr(mix, key):

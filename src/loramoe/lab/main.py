@@ -26,7 +26,7 @@ from loramoe.lab.mix import build_mix
 from loramoe.lab.report import render
 from loramoe.lab.results import base_row, findings, run_row
 from loramoe.lab.runs import (DONE, WEIGHTS, Run, execute, finish_stage, forget_stale_score, plan, run_folder,
-                              score_base)
+                              score_base, scoring_key)
 
 EVAL_COST = 48
 """Scoring one model costs about as much as training on this many records (for the time left)."""
@@ -89,17 +89,18 @@ def lab(
     progress = tqdm(total=sum(_cost(r) for r in runs) + EVAL_COST, unit="cost", desc="lab",
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
     progress.set_postfix_str("scoring the base model")
-    base_eval, base_evaluation = score_base(settings, mix, output)
+    key = scoring_key(settings, mix)
+    base_eval, base_evaluation = score_base(settings, mix, output, key)
     progress.update(EVAL_COST)
     base = base_row(base_evaluation)
     for run in runs:  # before any run: a first stage to redo comes before its second stage
-        forget_stale_score(run, settings, mix, output)
+        forget_stale_score(run, output, key)
         _parent_ready(run, output)
     rows = []
     for i, run in enumerate(runs, 1):
         progress.set_postfix_str(f"run {i}/{len(runs)}: {run.name}")
         cached = (run_folder(output, run) / DONE).is_file()
-        record = execute(run, settings, mix, output, base_eval)
+        record = execute(run, settings, mix, output, base_eval, key)
         finish_stage(run, output, settings)
         if cached:  # the time left counts only work still to do
             progress.total -= _cost(run)

@@ -104,23 +104,23 @@ def scoring_key(config: LabConfig, mix: Mix) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def score_base(config: LabConfig, mix: Mix, lab_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The base model's eval.json on the lab's items (cached like a run): every run's comparison
-    reads it instead of asking the base model again."""
-    folder = lab_dir / "runs" / f"base-{scoring_key(config, mix)[:10]}"
+def score_base(config: LabConfig, mix: Mix, lab_dir: Path, key: str) -> tuple[Path, dict[str, Any]]:
+    """The base model's eval.json on the lab's items (cached like a run, under the ``scoring_key``):
+    every run's comparison reads it instead of asking the base model again."""
+    folder = lab_dir / "runs" / f"base-{key[:10]}"
     if not (folder / "eval.json").is_file():
         evaluate(model=config.model, output=folder, **_eval_settings(config, mix))
     return folder / "eval.json", json.loads((folder / "eval.json").read_text())
 
 
-def forget_stale_score(run: Run, config: LabConfig, mix: Mix, lab_dir: Path) -> None:
-    """A done run scored under other eval settings is made not done: its training is kept and it
-    is scored again, but a full fine-tuning run whose weights were dropped is trained again."""
+def forget_stale_score(run: Run, lab_dir: Path, key: str) -> None:
+    """A done run scored under another ``scoring_key`` is made not done: its training is kept and
+    it is scored again, but a full fine-tuning run whose weights were dropped is trained again."""
     folder = run_folder(lab_dir, run)
     done = folder / DONE
     if not run.scored or not done.is_file():
         return
-    if json.loads(done.read_text()).get("scored_with") == scoring_key(config, mix):
+    if json.loads(done.read_text()).get("scored_with") == key:
         return
     if run.method == "full" and not any((folder / name).is_file() for name in WEIGHTS):
         shutil.rmtree(folder)
@@ -128,8 +128,9 @@ def forget_stale_score(run: Run, config: LabConfig, mix: Mix, lab_dir: Path) -> 
         done.unlink()
 
 
-def execute(run: Run, config: LabConfig, mix: Mix, lab_dir: Path, base_eval: Path) -> dict[str, Any]:
-    """Trains (or resumes) and scores one run; returns its ``lab_run.json`` content."""
+def execute(run: Run, config: LabConfig, mix: Mix, lab_dir: Path, base_eval: Path, key: str) -> dict[str, Any]:
+    """Trains (or resumes) and scores one run (``key``: the ``scoring_key``); returns its
+    ``lab_run.json`` content."""
     folder = run_folder(lab_dir, run)
     done = folder / DONE
     if done.is_file():
@@ -159,7 +160,7 @@ def execute(run: Run, config: LabConfig, mix: Mix, lab_dir: Path, base_eval: Pat
             dict(model=config.model, adapter=folder)
         evaluate(**scoring, base_eval=base_eval, output=folder / "eval", **_eval_settings(config, mix))
         record["eval"] = "eval/eval.json"
-        record["scored_with"] = scoring_key(config, mix)
+        record["scored_with"] = key
     record["seconds"] = round(time.time() - started, 1)
     atomic_write_text(done, json.dumps(record, indent=2) + "\n")
     if run.method == "full" and run.scored and not config.keep_full_weights:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from typing import Literal
+from typing import Literal, get_args
 
 from loramoe.suites import knowledge, translation, wiki
 from loramoe.suites.base import Example
@@ -59,7 +59,7 @@ def to_training_records(examples: Iterable[Example], *, type: str, templates_per
     train-split examples; text examples (no answer) cannot become records."""
     if templates_per_example < 1:
         raise ValueError(f"templates_per_example must be at least 1, got {templates_per_example}")
-    if answer_style not in ("short", "sentence"):
+    if answer_style not in get_args(AnswerStyle):
         raise ValueError(f"answer_style must be 'short' or 'sentence', got '{answer_style}'")
     records = []
     for example in examples:
