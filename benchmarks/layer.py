@@ -9,7 +9,14 @@ ratios to the frozen base, all measured in one run, interleaved.
 
 ``--arch mlp`` stacks the MLP half of decoder layers (the adapted part alone, the hardest case for
 a ratio); ``--arch llama`` stacks whole Llama decoder layers with attention (transformers'
-LlamaModel, random weights). The optimizer is AdamW with ``fused=True``, which is what the
+LlamaModel, random weights); ``--arch causal-lm`` is the whole causal LM, the decoder layers plus
+the final norm, the tied LM head over ``--vocab`` tokens and the cross-entropy loss on random
+labels, which is what a training step runs::
+
+    python benchmarks/layer.py --arch causal-lm --blocks 30 --heads 9 --kv-heads 3  # SmolLM2-135M
+
+Every variant's input embeddings require a gradient (as if earlier layers trained), so the frozen
+base runs its whole backward too. The optimizer is AdamW with ``fused=True``, which is what the
 training (Hugging Face Trainer's default ``adamw_torch_fused``) uses, for every variant alike.
 """
 
@@ -24,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from common import machine, measure, step_peak_bytes, summarize, write_json
 from torch import Tensor, nn
-from transformers import LlamaConfig, LlamaModel
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 from loramoe import LoraConfig, LoraMoEConfig, attach
 from tests.reference import loramoe_delta_loop
@@ -54,18 +61,35 @@ class Block(nn.Module):
         return x + self.mlp(x)
 
 
+def llama_config(args: argparse.Namespace) -> LlamaConfig:
+    heads = args.heads or max(1, args.dim // 128)
+    return LlamaConfig(hidden_size=args.dim, intermediate_size=args.ffn, num_hidden_layers=args.blocks,
+                       num_attention_heads=heads, num_key_value_heads=args.kv_heads or heads,
+                       vocab_size=args.vocab, tie_word_embeddings=True, max_position_embeddings=args.seq,
+                       attn_implementation="sdpa")
+
+
 class Layers(nn.Module):
     """Whole Llama decoder layers (attention + MLP) taking embeddings, returning hidden states."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__()
-        config = LlamaConfig(hidden_size=args.dim, intermediate_size=args.ffn, num_hidden_layers=args.blocks,
-                             num_attention_heads=max(1, args.dim // 128), vocab_size=128,
-                             max_position_embeddings=args.seq, attn_implementation="sdpa")
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(llama_config(args))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(inputs_embeds=x, use_cache=False).last_hidden_state
+
+
+class CausalLM(nn.Module):
+    """The whole causal LM taking embeddings, returning its loss on fixed random labels."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__()
+        self.model = LlamaForCausalLM(llama_config(args))
+        self.register_buffer("labels", torch.randint(args.vocab, (args.batch, args.seq)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(inputs_embeds=x, labels=self.labels, use_cache=False).loss
 
 
 class LoopLoraMoELinear(nn.Module):
@@ -90,8 +114,12 @@ class LoopLoraMoELinear(nn.Module):
 def frozen_model(args: argparse.Namespace) -> nn.Module:
     torch.manual_seed(0)  # every variant adapts the same base weights
     with torch.device(args.device):
-        model = Layers(args) if args.arch == "llama" else nn.Sequential(*(Block(args.dim, args.ffn)
-                                                                          for _ in range(args.blocks)))
+        if args.arch == "causal-lm":
+            model = CausalLM(args)
+        elif args.arch == "llama":
+            model = Layers(args)
+        else:
+            model = nn.Sequential(*(Block(args.dim, args.ffn) for _ in range(args.blocks)))
     return model.to(getattr(torch, args.dtype)).requires_grad_(False)
 
 
@@ -171,10 +199,13 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=["mlp", "llama"], default="mlp")
+    p.add_argument("--arch", choices=["mlp", "llama", "causal-lm"], default="mlp")
     p.add_argument("--dim", type=int, default=576, help="hidden size (SmolLM2-135M)")
     p.add_argument("--ffn", type=int, default=1536, help="MLP intermediate size (SmolLM2-135M)")
     p.add_argument("--blocks", type=int, default=4, help="layers in the stack")
+    p.add_argument("--heads", type=int, help="attention heads (default: dim / 128, as Llama-7B)")
+    p.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads)")
+    p.add_argument("--vocab", type=int, default=49152, help="vocabulary of --arch causal-lm (SmolLM2-135M)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--experts", type=int, default=6)

@@ -9,18 +9,18 @@ Why one node for the group, with the base matmul inside it: at small widths a tr
 bound by passes over (tokens x width) tensors, not by arithmetic, and autograd alone would make
 many. Here, for the whole group:
 
-- one dropout draw, one pass over the input for all routers and experts and one for all their
-  weight gradients. The routers see x without dropout: on the CPU, where the dropped elements come
-  as indices (``dropout_positions``), the pass runs over the dropped-out x and the routers' logits
-  and gradients get back what the few dropped elements contribute, by index (p of the work); with
-  a GPU's bool mask the routers take their own pass over x;
+- one dropout draw for the group, one pass over the dropped-out input for all experts and one
+  for all their weight gradients. The routers see x without dropout, so with dropout they take
+  their own pass over x (a (tokens x K*E) product, cheaper than patching the shared product with
+  the dropped elements' share by index, which the CPU does at a few elements per ns); without
+  dropout routers and experts share one pass;
 - the small rank-space product writes each output first and the base matmul accumulates onto it
   (a large matmul reads its accumulator almost for free), and the same for the input gradient:
   it is written once for the base layers, the experts and the routers together, where autograd
   would write one tensor per branch and add them up;
-- saved for backward: the gates (N, K, E), the rank-space activations (N, K*E*r) and one input
-  per group: x, or on the CPU the dropped-out x (plus the dropped values, p of its size), nothing
-  recomputed; with a GPU mask, x and the one-byte mask, the dropped-out x recomputed. PEFT's LoRA
+- saved for backward: the gates (N, K, E), the rank-space activations (N, K*E*r), one input per
+  group and what dropout dropped (flat indices on the CPU, p of the elements; a one-byte mask on
+  a GPU); the dropped-out x is recomputed, a copy that costs less than keeping it. PEFT's LoRA
   saves a float copy of dropout(x) per projection, gate_proj and up_proj each.
 
 Adapter maths runs in the model's dtype (the routers' fp32 weights are cast to it for their
@@ -78,25 +78,16 @@ def concat_experts(members: Sequence[Member], dtype: torch.dtype, *, shared_pass
 
 
 def _mixture_forward(x2: Tensor, drop: Tensor | None, gate_scale: float, bases: Sequence[tuple[Tensor, Tensor | None]],
-                     experts: Experts, num_experts: int) -> tuple[list[Tensor], Tensor, Tensor, Tensor | None, Tensor | None]:
-    """(outputs (N, d_out_k), gates (N, K, E) fp32, rank-space activations (N, K*E*r), then where
-    ``drop`` holds indices the dropped-out x2 and the dropped values ``x2.view(-1)[drop]``, else
-    None twice) for x2 (N, d_in)."""
+                     experts: Experts, num_experts: int) -> tuple[list[Tensor], Tensor, Tensor]:
+    """(outputs (N, d_out_k), gates (N, K, E) fp32, rank-space activations (N, K*E*r)) for x2 (N, d_in)."""
     n, k, e = x2.shape[0], len(bases), num_experts
     ker = experts.a.shape[0]
-    dropped = dropped_values = None
-    if drop is not None and drop.dtype == torch.bool:  # a mask (GPU): the routers read x itself
+    if drop is not None:  # the routers read x itself
         h = drop_inputs(x2, drop) @ experts.a.T
         logits = x2 @ experts.router.T
-    else:  # one pass for routers and experts, over x or its dropped-out copy
-        if drop is not None:
-            dropped = drop_inputs(x2, drop)
-        both = (x2 if drop is None else dropped) @ experts.both.T  # (N, K*E*r + K*E)
+    else:  # one pass for routers and experts
+        both = x2 @ experts.both.T  # (N, K*E*r + K*E)
         h, logits = both[:, :ker], both[:, ker:]
-        if drop is not None:  # give the routers back what the few dropped elements contribute
-            dropped_values = x2.view(-1)[drop]
-            logits.index_add_(0, drop // x2.shape[1],
-                              dropped_values.unsqueeze(1) * experts.router.T[drop % x2.shape[1]])
     gates = torch.softmax(logits.view(n, k, e).float(), dim=-1)  # (N, K, E)
     weights = gates * gate_scale if gate_scale != 1.0 else gates
     hw = (h.view(n, k, e, -1) * weights.to(h.dtype).unsqueeze(-1)).view(n, ker)
@@ -106,7 +97,7 @@ def _mixture_forward(x2: Tensor, drop: Tensor | None, gate_scale: float, bases: 
         cols = hw[:, i * width:(i + 1) * width]
         out = cols @ experts.b[i].T if bias is None else torch.addmm(bias, cols, experts.b[i].T)
         outs.append(out.addmm_(x2, weight.T))  # the large matmul accumulates onto the small one
-    return outs, gates, h, dropped, dropped_values
+    return outs, gates, h
 
 
 class _LoraMoEGroup(torch.autograd.Function):
@@ -118,11 +109,10 @@ class _LoraMoEGroup(torch.autograd.Function):
                 *flat: Tensor | None) -> tuple[Tensor, ...]:
         members = [Member(*flat[i:i + 5]) for i in range(0, len(flat), 5)]
         x2 = x.reshape(-1, x.shape[-1])
-        experts = concat_experts(members, x.dtype, shared_pass=drop is None or drop.dtype != torch.bool)
+        experts = concat_experts(members, x.dtype, shared_pass=drop is None)
         bases = [(m.weight, m.bias) for m in members]
-        outs, gates, h, dropped, dropped_values = _mixture_forward(x2, drop, gate_scale, bases, experts, num_experts)
-        # with dropped indices, backward needs only the dropped-out x (and the few dropped values)
-        ctx.save_for_backward(x2 if dropped is None else dropped, drop, dropped_values, gates, h, experts.a, experts.router, *experts.b,
+        outs, gates, h = _mixture_forward(x2, drop, gate_scale, bases, experts, num_experts)
+        ctx.save_for_backward(x2, drop, gates, h, experts.a, experts.router, *experts.b,
                               *(m.weight for m in members))
         ctx.gate_scale, ctx.num_members, ctx.router_dtype = gate_scale, len(members), members[0].router.dtype
         ctx.x_shape = x.shape
@@ -131,7 +121,7 @@ class _LoraMoEGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        x2, drop, dropped_values, gates, h, a_cat, router_cat, *rest = ctx.saved_tensors
+        x2, drop, gates, h, a_cat, router_cat, *rest = ctx.saved_tensors
         k = ctx.num_members
         b_cats, weights = rest[:k], rest[k:]
         n, _, e = gates.shape
@@ -148,24 +138,18 @@ class _LoraMoEGroup(torch.autograd.Function):
         grad_logits = gates * (grad_gates - (grad_gates * gates).sum(-1, keepdim=True))  # softmax backward
         grad_h = (grad_hw.view(n, k, e, -1) * gate_w).view(n, ker)
         grad_logits = grad_logits.view(n, k * e).to(h.dtype)
-        if drop is not None and drop.dtype == torch.bool:
-            grad_x = None
+        grad_x = None
+        if drop is not None:  # the dropped-out x recomputed: a copy, cheaper to make than to keep
             if ctx.needs_input_grad[0]:
                 grad_x = zero_dropped_(grad_h @ a_cat, drop).addmm_(grad_logits, router_cat)
             grad_a = grad_h.T @ drop_inputs(x2, drop)
             grad_router = grad_logits.T @ x2
-        else:  # x2 is x, or its dropped-out copy when drop holds indices
+        else:
             grad_both = torch.cat([grad_h, grad_logits], dim=1)
             grad_params = grad_both.T @ x2
             grad_a, grad_router = grad_params[:ker], grad_params[ker:]
-            grad_x = None
-            if drop is None and ctx.needs_input_grad[0]:
+            if ctx.needs_input_grad[0]:
                 grad_x = grad_both @ torch.cat([a_cat, router_cat])
-            elif drop is not None:
-                rows, cols = drop // x2.shape[1], drop % x2.shape[1]
-                grad_router.index_add_(1, cols, (grad_logits[rows] * dropped_values.unsqueeze(1)).T)
-                if ctx.needs_input_grad[0]:
-                    grad_x = zero_dropped_(grad_h @ a_cat, drop).addmm_(grad_logits, router_cat)
         if grad_x is not None:
             for g, weight in zip(g_outs, weights):
                 grad_x.addmm_(g, weight)
