@@ -63,10 +63,10 @@ class Block(nn.Module):
 
 def llama_config(args: argparse.Namespace) -> LlamaConfig:
     heads = args.heads or max(1, args.dim // 128)
+    vocab = args.vocab if args.arch == "causal-lm" else 128  # a bare stack takes embeddings: no vocabulary to speak of
     return LlamaConfig(hidden_size=args.dim, intermediate_size=args.ffn, num_hidden_layers=args.blocks,
-                       num_attention_heads=heads, num_key_value_heads=args.kv_heads or heads,
-                       vocab_size=args.vocab, tie_word_embeddings=True, max_position_embeddings=args.seq,
-                       attn_implementation="sdpa")
+                       num_attention_heads=heads, num_key_value_heads=args.kv_heads or heads, vocab_size=vocab,
+                       tie_word_embeddings=True, max_position_embeddings=args.seq, attn_implementation="sdpa")
 
 
 class Layers(nn.Module):

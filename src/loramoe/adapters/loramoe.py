@@ -160,15 +160,18 @@ class LoraMoELinear(AdapterLayer):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.disabled:
             return self.base_layer(x)
-        handed, self._handed = self._handed, None
+        # the hand-off is written straight into __dict__: nn.Module.__setattr__ checks parameters,
+        # buffers and modules first, which costs more than a decoded token's adapter maths
+        state = self.__dict__
+        handed, state["_handed"] = state["_handed"], None
         if handed is not None and handed[0] is x and handed[1] == x._version:
             out, gates = handed[2], handed[3]
         elif self._fusable(x) and not (torch.compiler.is_compiling() and not torch.is_grad_enabled()):
             group = [self, *(s for s in self.input_siblings if s._fusable(x) and s.training == self.training)]
-            outs, all_gates = self._run_group(x, group)
+            outs, gates = self._run_group(x, group)  # the group's gates (..., K, E): a member's is picked when needed
             for i, sibling in enumerate(group[1:], 1):
-                sibling._handed = (x, x._version, outs[i], all_gates[..., i, :])
-            out, gates = outs[0], all_gates[..., 0, :]
+                sibling.__dict__["_handed"] = (x, x._version, outs[i], (gates, i))
+            out, gates = outs[0], (gates, 0)
         else:  # a base the op can't fold in (hooks, trainable, other dtype), or generation under
             # torch.compile, where plain maths lets inductor fuse the adapter and CUDA graphs remove
             # its launches, and the group's caches and hand-offs would only break the graph: plain ops
@@ -176,7 +179,7 @@ class LoraMoELinear(AdapterLayer):
             out = self.base_layer(x) + loramoe_delta(x.to(self.lora_A.dtype), gates, self.lora_A, self.lora_B,
                                                      self.scale, self.dropout, self.training).to(x.dtype)
         if self.routing_hook is not None:
-            self.routing_hook(self, gates)
+            self.routing_hook(self, gates[0][..., gates[1], :] if isinstance(gates, tuple) else gates)
         return out
 
     def _fusable(self, x: Tensor) -> bool:

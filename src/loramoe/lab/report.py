@@ -150,9 +150,8 @@ def paragraph(results: dict) -> str:
                  f"skill ({signed(f['best_tasks']['change'])} points).")
     if "loramoe_lbc_vs_full" in f:
         gap = f["loramoe_lbc_vs_full"]
-        parts.append(f"LoRAMoE with the balancing constraint ({gap['variant']}) kept "
-                     f"{signed(gap['knowledge_gap'])} points of knowledge against full fine-tuning, at a task score "
-                     f"{signed(gap['task_gap'])} points from it.")
+        parts.append(f"LoRAMoE with the balancing constraint ({gap['variant']}) against full fine-tuning: "
+                     f"knowledge {signed(gap['knowledge_gap'])} points, task score {signed(gap['task_gap'])} points.")
     return " ".join(parts)
 
 
