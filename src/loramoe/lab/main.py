@@ -14,8 +14,8 @@ import math
 import shutil
 import time
 from dataclasses import asdict
-from pathlib import Path
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
