@@ -133,7 +133,8 @@ class LoraMoELinear(AdapterLayer):
         self.routing_hook: RoutingHook | None = None
         self.input_siblings: tuple[LoraMoELinear, ...] = ()
         """Adapter layers that read the same input as this one (set by ``build_layers``)."""
-        self._handed: tuple | None = None  # (x, x's version, output, gates) a sibling computed for us
+        # (x, x's version, output, the group's gates, our index in them) that a sibling computed for us
+        self._handed: tuple | None = None
         self._inference_plan: tuple | None = None  # (key, InferencePlan) for generation without autograd
         dtype = self.parameter_dtype(base_layer, config)
         device = base_layer.weight.device
@@ -164,14 +165,15 @@ class LoraMoELinear(AdapterLayer):
         # buffers and modules first, which costs more than a decoded token's adapter maths
         state = self.__dict__
         handed, state["_handed"] = state["_handed"], None
+        member = None  # the fused op gives the group's gates (..., K, E); ours is picked only if a hook wants it
         if handed is not None and handed[0] is x and handed[1] == x._version:
-            out, gates = handed[2], handed[3]
+            out, gates, member = handed[2], handed[3], handed[4]
         elif self._fusable(x) and not (torch.compiler.is_compiling() and not torch.is_grad_enabled()):
             group = [self, *(s for s in self.input_siblings if s._fusable(x) and s.training == self.training)]
-            outs, gates = self._run_group(x, group)  # the group's gates (..., K, E): a member's is picked when needed
+            outs, gates = self._run_group(x, group)
             for i, sibling in enumerate(group[1:], 1):
-                sibling.__dict__["_handed"] = (x, x._version, outs[i], (gates, i))
-            out, gates = outs[0], (gates, 0)
+                sibling.__dict__["_handed"] = (x, x._version, outs[i], gates, i)
+            out, member = outs[0], 0
         else:  # a base the op can't fold in (hooks, trainable, other dtype), or generation under
             # torch.compile, where plain maths lets inductor fuse the adapter and CUDA graphs remove
             # its launches, and the group's caches and hand-offs would only break the graph: plain ops
@@ -179,7 +181,7 @@ class LoraMoELinear(AdapterLayer):
             out = self.base_layer(x) + loramoe_delta(x.to(self.lora_A.dtype), gates, self.lora_A, self.lora_B,
                                                      self.scale, self.dropout, self.training).to(x.dtype)
         if self.routing_hook is not None:
-            self.routing_hook(self, gates[0][..., gates[1], :] if isinstance(gates, tuple) else gates)
+            self.routing_hook(self, gates if member is None else gates[..., member, :])
         return out
 
     def _fusable(self, x: Tensor) -> bool:
