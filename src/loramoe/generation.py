@@ -17,9 +17,10 @@ Batches hold prompts of similar lengths (longest first, so running out of memory
 at most ``batch_size`` prompts and at most ``batch_size`` times the mean prompt length in padded
 tokens, so that a few long prompts do not pad a batch of short ones to their length (prefill is
 most of the cost on a CPU). They are left-padded with an attention mask; Hugging Face
-``generate`` derives the positions from that mask, so a prompt gets the same tokens whichever batch it sits in (tested in float32; in half precision
-the padding can flip a near-tie). The model runs in eval mode (its mode is restored afterwards);
-the tokenizer is never modified, its ``padding_side`` included.
+``generate`` derives the positions from that mask, so a prompt gets the same tokens whichever
+batch it sits in (tested in float32; in half precision the padding can flip a near-tie). The
+model runs in eval mode (its mode is restored afterwards); the tokenizer is never modified, its
+``padding_side`` included.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ from loramoe.lab.config import DEFAULT_CONFIG, load_config
 from loramoe.lab.mix import build_mix
 from loramoe.lab.report import render
 from loramoe.lab.results import base_row, findings, run_row
-from loramoe.lab.runs import (DONE, WEIGHTS, Run, base_folder, execute, finish_stage, forget_stale_score, plan,
-                              run_folder, score_base, scoring_key)
+from loramoe.lab.runs import (DONE, WEIGHTS, Run, execute, finish_stage, forget_stale_score, plan, run_folder,
+                              score_base, scoring_key)
 from loramoe.models import EMBEDDED, embedded_model_dir
 
 RUN_SECONDS = 3.0
@@ -46,6 +46,16 @@ def _cost(run: Run) -> float:
     epochs = float(run.settings.get("epochs", 1.0))
     per_record = RECORD_SECONDS["full" if run.method == "full" else "adapter"]
     return RUN_SECONDS + run.records * epochs * per_record + (EVAL_SECONDS if run.scored else 0.0)
+
+
+def _account(progress: tqdm, cost: float, cached: bool) -> None:
+    """Count work done; work found done is taken off the total, so the time left, drawn from the
+    pace so far, counts only work still to do."""
+    if cached:
+        progress.total -= cost
+        progress.refresh()
+    else:
+        progress.update(cost)
 
 
 def _parent_ready(run: Run, lab_dir: Path) -> None:
@@ -104,13 +114,8 @@ def lab(
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
     progress.set_postfix_str("scoring the base model")
     key = scoring_key(settings, mix)
-    base_cached = (base_folder(output, key) / "eval.json").is_file()
-    base_eval, base_evaluation = score_base(settings, mix, output, key)
-    if base_cached:  # the time left counts only work still to do
-        progress.total -= BASE_EVAL_SECONDS
-        progress.refresh()
-    else:
-        progress.update(BASE_EVAL_SECONDS)
+    base_eval, base_evaluation, base_cached = score_base(settings, mix, output, key)
+    _account(progress, BASE_EVAL_SECONDS, base_cached)
     base = base_row(base_evaluation)
     for run in runs:  # before any run: a first stage to redo comes before its second stage
         forget_stale_score(run, output, key)
@@ -121,11 +126,7 @@ def lab(
         cached = (run_folder(output, run) / DONE).is_file()
         record = execute(run, settings, mix, output, base_eval, key)
         finish_stage(run, output, settings)
-        if cached:  # the time left counts only work still to do
-            progress.total -= _cost(run)
-            progress.refresh()
-        else:
-            progress.update(_cost(run))
+        _account(progress, _cost(run), cached)
         if run.scored:
             rows.append(_row(record, output, base))
             progress.write(f"{run.name}: knowledge {rows[-1]['knowledge']:.1f}% ({rows[-1]['knowledge_change']:+.1f}), "

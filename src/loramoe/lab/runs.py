@@ -104,18 +104,15 @@ def scoring_key(config: LabConfig, mix: Mix) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def base_folder(lab_dir: Path, key: str) -> Path:
-    """Where the base model's scores under the ``scoring_key`` live."""
-    return lab_dir / "runs" / f"base-{key[:10]}"
-
-
-def score_base(config: LabConfig, mix: Mix, lab_dir: Path, key: str) -> tuple[Path, dict[str, Any]]:
+def score_base(config: LabConfig, mix: Mix, lab_dir: Path, key: str) -> tuple[Path, dict[str, Any], bool]:
     """The base model's eval.json on the lab's items (cached like a run, under the ``scoring_key``):
-    every run's comparison reads it instead of asking the base model again."""
-    folder = base_folder(lab_dir, key)
-    if not (folder / "eval.json").is_file():
-        evaluate(model=config.model, output=folder, **_eval_settings(config, mix))
-    return folder / "eval.json", json.loads((folder / "eval.json").read_text())
+    every run's comparison reads it instead of asking the base model again. Returns its path, its
+    content and whether it was already there."""
+    path = lab_dir / "runs" / f"base-{key[:10]}" / "eval.json"
+    cached = path.is_file()
+    if not cached:
+        evaluate(model=config.model, output=path.parent, **_eval_settings(config, mix))
+    return path, json.loads(path.read_text()), cached
 
 
 def forget_stale_score(run: Run, lab_dir: Path, key: str) -> None:
