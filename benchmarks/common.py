@@ -99,9 +99,26 @@ def step_peak_bytes(step: Step, device: torch.device) -> int:
 
 
 def summarize(times: dict[str, list[float]], reference: str) -> tuple[dict[str, float], dict[str, float]]:
-    """Median milliseconds per variant and their ratios to ``reference``."""
+    """Median milliseconds per variant, and each variant's ratio to ``reference``: the median over
+    rounds of the two times in the same round. On a shared machine whose speed drifts by 10-20 %
+    over minutes, pairing cancels the drift that a ratio of two medians keeps (see
+    :func:`ratio_spread` for how much the rounds disagree)."""
     median_ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
-    return median_ms, {name: ms / median_ms[reference] for name, ms in median_ms.items()}
+    return median_ms, {name: statistics.median(round_ratios(times, name, reference)) for name in times}
+
+
+def round_ratios(times: dict[str, list[float]], name: str, reference: str) -> list[float]:
+    """``name``'s time over ``reference``'s, round by round (:func:`measure` runs one of each per round)."""
+    return [t / r for t, r in zip(times[name], times[reference], strict=True)]
+
+
+def ratio_spread(times: dict[str, list[float]], reference: str) -> dict[str, list[float]]:
+    """Per variant, the first and third quartiles of its round-by-round ratios to ``reference``."""
+    spread = {}
+    for name in times:
+        ratios = round_ratios(times, name, reference)
+        spread[name] = statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else ratios * 2
+    return spread
 
 
 def write_json(path: Path | None, result: dict) -> None:

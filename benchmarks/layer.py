@@ -1,7 +1,10 @@
 """One training step (forward + backward + AdamW) of a stack of Llama layers: step time and peak
 memory of the frozen base, our LoRA and PEFT's LoRA of rank E*r, the loop-reference LoRAMoE and
 the production LoRAMoE (and, with --compile, frozen and production under torch.compile), as
-ratios to the frozen base, all measured in one run, interleaved.
+ratios to the frozen base, all measured in one run, interleaved round by round. Each ratio is the
+median over rounds of the variant's time over the frozen base's in the same round, which cancels
+the drift of a shared machine; the quartiles of those ratios say how much the rounds disagree.
+``--variants ... no-dropout`` adds the production op with dropout 0, to weigh what dropout costs.
 
     python benchmarks/layer.py                                     # CPU, SmolLM2-135M MLP shape
     python benchmarks/layer.py --device cuda --dtype bfloat16 --arch llama --dim 4096 --ffn 11008 \\
@@ -24,12 +27,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
+import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import machine, measure, step_peak_bytes, summarize, write_json
+from common import machine, measure, ratio_spread, round_ratios, step_peak_bytes, summarize, write_json
 from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
@@ -171,6 +176,9 @@ def build_variants(args: argparse.Namespace) -> dict[str, nn.Module]:
     if "loop" in args.variants:
         variants["LoRAMoE loop-reference"] = with_loop_loramoe(frozen_model(args), args)
     variants["LoRAMoE production"] = randomise_lora_B(attach(frozen_model(args), moe))
+    if "no-dropout" in args.variants and args.dropout > 0:  # what dropout costs, paired in the same run
+        variants["LoRAMoE production, dropout 0"] = randomise_lora_B(
+            attach(frozen_model(args), dataclasses.replace(moe, dropout=0.0)))
     if args.compile:  # compiled frozen too: compile also fuses the base model's own elementwise ops
         variants["frozen base + compile"] = torch.compile(frozen_model(args))
         variants["LoRAMoE production + compile"] = torch.compile(copy.deepcopy(variants["LoRAMoE production"]))
@@ -216,7 +224,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--variants", nargs="*", default=["lora", "peft", "loop"],
-                   help="besides frozen and production: any of lora peft loop")
+                   help="besides frozen and production: any of lora peft loop no-dropout (production "
+                        "with dropout 0, to weigh what dropout costs)")
     p.add_argument("--compile", action="store_true", help="also frozen and production under torch.compile")
     p.add_argument("--steps", type=int, default=15, help="timed rounds (one step of every variant each)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
@@ -247,20 +256,29 @@ def run(args: argparse.Namespace) -> dict:
         x.grad = None
         peak[name] = step_peak_bytes(step, device) + optimizer_state_bytes(step.optimizer)
     median_ms, ratio = summarize(times, "frozen base")
+    spread = ratio_spread(times, "frozen base")
     peak_ratio = {name: b / peak["frozen base"] for name, b in peak.items()}
     print(f"{args.blocks} {args.arch} layers d={args.dim} f={args.ffn}, {args.batch}x{args.seq} tokens, "
           f"E={args.experts} r={args.rank}, dropout={args.dropout}, {args.dtype} on {args.device}, "
-          f"{torch.get_num_threads()} threads, median of {args.steps} steps")
-    print(f"{'variant':<30}{'ms/step':>10}{'vs frozen':>11}{'peak MiB':>10}{'vs frozen':>11}")
+          f"{torch.get_num_threads()} threads, {args.steps} rounds; vs frozen: median of the rounds' ratios "
+          f"(quartiles)")
+    print(f"{'variant':<30}{'ms/step':>10}{'vs frozen':>11}{'quartiles':>14}{'peak MiB':>10}{'vs frozen':>11}")
     for name in median_ms:
-        print(f"{name:<30}{median_ms[name]:>10.1f}{ratio[name]:>10.2f}x{peak[name] / 2**20:>10.1f}"
-              f"{peak_ratio[name]:>10.2f}x")
+        low, high = spread[name]
+        print(f"{name:<30}{median_ms[name]:>10.1f}{ratio[name]:>10.2f}x{f'{low:.2f}-{high:.2f}':>14}"
+              f"{peak[name] / 2**20:>10.1f}{peak_ratio[name]:>10.2f}x")
+    speedup = None
     if "LoRAMoE loop-reference" in median_ms:
-        print(f"production vs loop-reference speed-up: "
-              f"{median_ms['LoRAMoE loop-reference'] / median_ms['LoRAMoE production']:.2f}x")
+        speedup = statistics.median(round_ratios(times, "LoRAMoE loop-reference", "LoRAMoE production"))
+        print(f"production vs loop-reference speed-up: {speedup:.2f}x")
+    dropout_cost = None
+    if "LoRAMoE production, dropout 0" in median_ms:
+        dropout_cost = statistics.median(round_ratios(times, "LoRAMoE production", "LoRAMoE production, dropout 0"))
+        print(f"production with dropout {args.dropout} over production without: {dropout_cost:.3f}x")
     result = {"machine": machine(device), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "median_ms": median_ms, "ratio_to_frozen": ratio, "peak_bytes": peak,
-              "peak_ratio_to_frozen": peak_ratio,
+              "median_ms": median_ms, "ratio_to_frozen": ratio, "ratio_quartiles": spread,
+              "loop_over_production": speedup, "dropout_over_none": dropout_cost,
+              "peak_bytes": peak, "peak_ratio_to_frozen": peak_ratio,
               "times_ms": {name: [1000 * s for s in t] for name, t in times.items()}}
     write_json(args.json, result)
     return result
