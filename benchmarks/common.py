@@ -104,7 +104,12 @@ def summarize(times: dict[str, list[float]], reference: str) -> tuple[dict[str, 
     over minutes, pairing cancels the drift that a ratio of two medians keeps (see
     :func:`ratio_spread` for how much the rounds disagree)."""
     median_ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
-    return median_ms, {name: statistics.median(round_ratios(times, name, reference)) for name in times}
+    return median_ms, {name: paired_ratio(times, name, reference) for name in times}
+
+
+def paired_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+    """The median over rounds of ``name``'s time over ``reference``'s in the same round."""
+    return statistics.median(round_ratios(times, name, reference))
 
 
 def round_ratios(times: dict[str, list[float]], name: str, reference: str) -> list[float]:

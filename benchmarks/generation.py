@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 from pathlib import Path
 
 import torch
-from common import machine, measure, round_ratios, summarize, write_json
+from common import machine, measure, paired_ratio, summarize, write_json
 from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
 
 from loramoe import LoraMoEConfig, attach, models
@@ -95,7 +94,7 @@ def run(args: argparse.Namespace) -> dict:
     times = measure(calls, 1, args.rounds, device)
     median_ms, _ = summarize(times, next(iter(calls)))
     tokens_per_s = {name: batch_of(name) * args.new_tokens / (ms / 1000) for name, ms in median_ms.items()}
-    ratio = {f"b={b}": 1 / statistics.median(round_ratios(times, f"LoRAMoE b={b}", f"base b={b}"))
+    ratio = {f"b={b}": 1 / paired_ratio(times, f"LoRAMoE b={b}", f"base b={b}")
              for b in args.batches}  # tokens/s over the base model's, round by round
     print(f"{args.model if not args.random else 'random SmolLM2-135M'} on {args.device} ({args.dtype}"
           f"{', static cache + compile' if args.static_compile else ''}), "

@@ -29,12 +29,11 @@ import argparse
 import copy
 import dataclasses
 import math
-import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import machine, measure, ratio_spread, round_ratios, step_peak_bytes, summarize, write_json
+from common import machine, measure, paired_ratio, ratio_spread, step_peak_bytes, summarize, write_json
 from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
@@ -269,11 +268,11 @@ def run(args: argparse.Namespace) -> dict:
               f"{peak[name] / 2**20:>10.1f}{peak_ratio[name]:>10.2f}x")
     speedup = None
     if "LoRAMoE loop-reference" in median_ms:
-        speedup = statistics.median(round_ratios(times, "LoRAMoE loop-reference", "LoRAMoE production"))
+        speedup = paired_ratio(times, "LoRAMoE loop-reference", "LoRAMoE production")
         print(f"production vs loop-reference speed-up: {speedup:.2f}x")
     dropout_cost = None
     if "LoRAMoE production, dropout 0" in median_ms:
-        dropout_cost = statistics.median(round_ratios(times, "LoRAMoE production", "LoRAMoE production, dropout 0"))
+        dropout_cost = paired_ratio(times, "LoRAMoE production", "LoRAMoE production, dropout 0")
         print(f"production with dropout {args.dropout} over production without: {dropout_cost:.3f}x")
     result = {"machine": machine(device), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "median_ms": median_ms, "ratio_to_frozen": ratio, "ratio_quartiles": spread,
