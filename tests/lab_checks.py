@@ -23,7 +23,7 @@ def _numbers(value, out: set[str]) -> None:
     elif isinstance(value, bool) or value is None:
         return
     elif isinstance(value, (int, float)):
-        out.update({fmt(value, d) for d in (1, 3, 4)} | {signed(value, 1)})
+        out.update({fmt(value, d) for d in (1, 3, 4)} | {signed(value, d) for d in (1, 3)})
         if isinstance(value, float) and value.is_integer():
             out.add(fmt(int(value)))
     elif isinstance(value, str):
@@ -32,8 +32,7 @@ def _numbers(value, out: set[str]) -> None:
 
 def check_report(folder: Path) -> dict:
     results = json.loads((folder / "results.json").read_text())
-    for name in ("report.md", "report.html", "knowledge_vs_size.png", "tasks_vs_size.png", "tradeoff.png",
-                 "drift_vs_size.png"):
+    for name in ("report.md", "report.html", "trajectories.png"):
         assert (folder / name).is_file(), name
     html = (folder / "report.html").read_text()
     assert "data:image/png;base64," in html and not re.search(r'src="(?!data:)', html)
@@ -43,8 +42,7 @@ def check_report(folder: Path) -> dict:
     text = re.sub(r"\]\([^)]*\)", "]", text)  # image file names are not numbers
     for number in NUMBER.findall(text):
         assert number in known, f"report.md prints {number}, which results.json does not hold"
-    assert {"lab", "mix", "base", "runs", "findings", "knowledge_stderr"} <= set(results)
-    for row in results["runs"]:
-        assert {"knowledge", "knowledge_change", "task_score", "drift", "kl_to_base", "trainable_parameters",
-                "train_seconds"} <= set(row)
+    assert {"lab", "mix", "probe", "base", "arms", "equal_skill", "contrasts", "regime", "detectable"} <= set(results)
+    for arm in results["arms"].values():
+        assert {"path", "end", "chat", "generation", "trainable_parameters", "train_seconds"} <= set(arm)
     return results

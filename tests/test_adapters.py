@@ -202,6 +202,7 @@ def test_loramoe_default_config_is_the_papers():
     assert (config.num_experts, config.r, config.alpha, config.dropout) == (6, 4, 32.0, 0.05)
     assert config.groups == {"knowledge": 3, "task": 3} and config.expert_groups() == [0, 0, 0, 1, 1, 1]
     assert (config.balance_delta, config.balance_weight) == (0.1, 0.1)
+    assert (config.balance_importance, config.route_weight, config.route_target) == ("mean", 0.0, 0.9)
 
 
 def test_loramoe_groups_set_the_expert_count():
@@ -244,6 +245,19 @@ def test_config_validation(bad):
         LoraConfig(**bad)
     with pytest.raises(ValueError, match="num_experts"):
         LoraMoEConfig(num_experts=0)
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"balance_importance": "median"}, "balance_importance must be one of mean, sum, got 'median'"),
+    ({"route_weight": -0.1}, "route_weight must be >= 0"),
+    ({"route_target": 1.0}, r"route_target must be in \(0, 1\), got 1.0"),
+    ({"route_target": 0.0}, r"route_target must be in \(0, 1\)"),
+    ({"route_weight": 0.5, "num_experts": 4}, "needs groups with at least 2 sample types, got groups=None"),
+    ({"route_weight": 0.5, "groups": {"task": 4}}, "needs groups with at least 2 sample types"),
+])
+def test_loramoe_training_fields_are_validated(bad, message):
+    with pytest.raises(ValueError, match=message):
+        LoraMoEConfig(**bad)
 
 
 def test_attach_twice_is_an_error():

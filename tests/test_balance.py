@@ -1,11 +1,22 @@
-"""The balancing constraint against hand-computed values and the reference code's 2-group form."""
+"""The balancing constraint against hand-computed values and the reference code's 2-group form,
+and the routing objective beyond the paper (their fixed points: test_balance_fixed_points.py)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from loramoe.balance import UNTYPED, balance_coefficients, balancing_loss, cv_squared, group_shares
+from loramoe.balance import (
+    UNTYPED,
+    balance_coefficients,
+    balancing_loss,
+    cv_squared,
+    group_routing_loss,
+    group_shares,
+    sample_importance,
+)
 
 
 def test_hand_computed_two_experts_two_samples():
@@ -67,3 +78,41 @@ def test_group_shares_per_type():
     shares = group_shares(importance, torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1]), num_groups=2)
     assert torch.allclose(shares[0], torch.tensor([1.0, 0.0]))
     assert torch.allclose(shares[1], torch.tensor([3 / 6, 3 / 6]))
+
+
+def test_sample_importance_divides_by_the_token_count():
+    sums = torch.tensor([[[2.0, 4.0], [3.0, 3.0], [0.0, 0.0]]])  # (layers, M, E)
+    counts = torch.tensor([2.0, 6.0, 0.0])
+    assert torch.equal(sample_importance(sums, counts, "sum"), sums)
+    assert torch.equal(sample_importance(sums, counts, "mean"), torch.tensor([[[1.0, 2.0], [0.5, 0.5], [0.0, 0.0]]]))
+    with pytest.raises(ValueError, match="importance mode must be one of"):
+        sample_importance(sums, counts, "median")
+
+
+def test_group_routing_loss_hand_computed():
+    # sample 0 (type 0): groups get 3 and 1 -> shares (0.75, 0.25); sample 1 (type 1): 1 and 1
+    importance = torch.tensor([[2.0, 1.0, 1.0], [0.5, 0.5, 1.0], [5.0, 0.0, 0.0]])
+    groups = torch.tensor([0, 0, 1])
+    types = torch.tensor([0, 1, UNTYPED])  # the untyped sample has no say
+    want = (-(0.8 * math.log(0.75) + 0.2 * math.log(0.25)) - (0.2 * math.log(0.5) + 0.8 * math.log(0.5))) / 2
+    assert group_routing_loss(importance, types, groups, 2, 0.8).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_group_routing_loss_spreads_the_rest_over_the_other_groups():
+    importance = torch.tensor([[0.6, 0.2, 0.2]], requires_grad=True)
+    groups, types = torch.tensor([0, 1, 2]), torch.tensor([0])
+    loss = group_routing_loss(importance, types, groups, 3, 0.6)
+    entropy = -(0.6 * math.log(0.6) + 2 * 0.2 * math.log(0.2))  # the minimum: shares equal the target
+    assert loss.item() == pytest.approx(entropy, rel=1e-6)
+    loss.backward()
+    assert importance.grad.abs().max() < 1e-6
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        group_routing_loss(importance, types, torch.zeros(3, dtype=torch.long), 1, 0.6)
+
+
+def test_group_routing_loss_without_typed_samples_is_a_zero_in_the_graph():
+    importance = torch.rand(3, 4, requires_grad=True)
+    loss = group_routing_loss(importance, torch.full((3,), UNTYPED), torch.tensor([0, 0, 1, 1]), 2, 0.9)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(importance.grad, torch.zeros(3, 4))

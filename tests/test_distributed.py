@@ -46,7 +46,7 @@ def test_two_processes_agree_and_match_one_process_with_the_same_global_batch(tm
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     common = dict(data=[str(data)], model=str(tmp_path / "model"), max_steps=4, lr=5e-3, max_length=32,
-                  dropout=0.0, save_steps=100, logging_steps=1, seed=0, warmup_ratio=0.0)
+                  dropout=0.0, route_weight=0.5, save_steps=100, logging_steps=1, seed=0, warmup_ratio=0.0)
     env = child_env(OMP_NUM_THREADS="1")
     launcher = str(Path(sys.executable).parent / "accelerate")
     (tmp_path / "ddp").mkdir()
@@ -65,4 +65,8 @@ def test_two_processes_agree_and_match_one_process_with_the_same_global_batch(tm
     moved = max((rank0[k] - alone[k]).abs().max().item() for k in rank0 if "lora_B" in k)
     scale = max(alone[k].abs().max().item() for k in alone if "lora_B" in k)
     print(f"max |ddp - single| on lora_B: {moved:.2e} (largest lora_B entry {scale:.2e})")
-    assert scale > 0 and moved <= 1e-5 * scale
+    # float32 sums in another order (each process pads to its own longest record, the gathered batch
+    # is in another order) differ by ~1e-7 relative, and Adam's m / sqrt(v) amplifies that on entries
+    # whose gradient is near zero: up to 3e-7 measured over seeds 0-3. A real mismatch moves far
+    # more: beta 0.11 instead of 0.1, or summed instead of per-token importance, moves lora_B by 1e-2.
+    assert scale > 0 and moved <= 1e-4 * scale

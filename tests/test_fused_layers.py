@@ -1,6 +1,6 @@
 """LoRAMoE layers in a model: projections that share their input run as one fused group, fall back
 to plain autograd where the op can't fold the base in, and generate through the no-autograd path,
-all computing the same as the loop-over-experts reference."""
+all computing the same as the loop-over-experts reference; under bf16 autocast, close to fp32."""
 
 from __future__ import annotations
 
@@ -136,3 +136,38 @@ def test_training_with_dropout_replays_exactly_from_a_saved_rng_state():
     torch.set_rng_state(rng)
     resumed = steps(model, optimizer, 2)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_autocast_bf16_training_and_no_grad_forwards_stay_close_to_fp32(monkeypatch):
+    """Under CPU autocast the fused op runs in bf16 (a down_proj fed bf16 takes the plain path).
+    Tolerances, from bf16's 2^-8 relative precision through two layers: logits within 0.03 of fp32
+    (the experts move them by 0.66, measured 0.009), each parameter's gradient within 10 % of
+    fp32's in norm (measured at most 4 %)."""
+    import loramoe.adapters.loramoe as loramoe_module
+
+    fused_dtypes = []
+
+    def spy(x, *args, **kwargs):
+        fused_dtypes.append(x.dtype)
+        return real(x, *args, **kwargs)
+
+    real = loramoe_module.loramoe_group
+    monkeypatch.setattr(loramoe_module, "loramoe_group", spy)
+    model, batch = _adapted().train(), random_batch()
+    want_logits, want_grads = _loss_and_grads(model, batch)
+    fused_dtypes.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, grads = _loss_and_grads(model, batch)
+    assert fused_dtypes and set(fused_dtypes) == {torch.bfloat16}
+    assert logits.dtype == torch.bfloat16 and (logits.float() - want_logits).abs().max() <= 0.03
+    assert grads.keys() == want_grads.keys()
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32, name
+        assert (grad - want_grads[name]).norm() <= 0.1 * want_grads[name].norm(), name
+
+    model.eval()
+    with torch.no_grad():
+        want = model(**batch).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            first, again = model(**batch).logits, model(**batch).logits
+    assert torch.equal(first, again) and (first.float() - want).abs().max() <= 0.03

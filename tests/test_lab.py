@@ -1,4 +1,4 @@
-"""`loramoe lab` on a tiny local model: settings, the mix, the sweep, its cache and its report."""
+"""`loramoe lab` on a tiny local model: settings, the mix, the arms and seeds, the cache, the report."""
 
 from __future__ import annotations
 
@@ -11,20 +11,24 @@ import loramoe.lab.runs as lab_runs
 from loramoe.cli import main as cli_main
 from loramoe.lab import lab
 from loramoe.lab.config import LabConfigError, load_config
-from loramoe.lab.mix import build_mix, size_label
+from loramoe.lab.mix import build_mix
+from loramoe.lab.probe import build_probe
 from tests.conftest import save_tiny
 from tests.lab_checks import check_report
 
 TINY = """
 model: {model}
-mix: {{unit: 8, sizes: [1, 2]}}
-train: {{batch_size: 4, max_length: 64}}
+mix: {{records: 16, knowledge_share: 0.25}}
+train: {{batch_size: 4, max_length: 64, precision: fp32}}
 variants:
-  full: {{method: full, lr: 1.0e-3}}
-  lora: {{method: lora, lr: 1.0e-3}}
-  loramoe-lbc: {{method: loramoe, lr: 1.0e-3, balance_weight: 0.1}}
-sequential: [full, loramoe-lbc]
-eval: {{limit: {{knowledge: 3, tasks: 1, lm-loss: 2}}, max_new_tokens: 3, batch_size: 8, max_length: 64}}
+  full: {{method: full, lr: 1.0e-3, seeds: [0]}}
+  lora: {{method: lora, lr: 1.0e-3, seeds: [0]}}
+  loramoe-lbc: {{method: loramoe, lr: 1.0e-3, balance_weight: 0.1, seeds: [0, 1]}}
+contrasts:
+  - {{name: backbone, a: loramoe-lbc, b: full, question: "Does the frozen backbone keep more?"}}
+  - {{name: mixture, a: loramoe-lbc, b: lora, question: "Does the mixture keep more?"}}
+score: {{points: 2, task_items: 2, chat_items: 1, generation_items: 1, max_new_tokens: 3, batch_size: 8,
+        precision: fp32, bootstrap: 200}}
 """
 
 
@@ -43,22 +47,25 @@ def tiny_lab(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-def test_the_report_holds_every_run_and_only_numbers_of_results_json(tiny_lab):
+def test_the_report_holds_every_arm_contrast_and_only_numbers_of_results_json(tiny_lab):
     root, _, results = tiny_lab
     saved = check_report(root / "out")
-    assert saved["findings"] == json.loads(json.dumps(results["findings"]))
-    names = [row["name"] for row in saved["runs"]]
-    assert names == ["full-1x", "full-2x", "lora-1x", "lora-2x", "loramoe-lbc-1x", "loramoe-lbc-2x",
-                     "full-2x-sequential", "loramoe-lbc-2x-sequential"]
-    rows = {row["name"]: row for row in saved["runs"]}
-    assert rows["full-2x"]["records"] == 16 and rows["full-2x-sequential"]["records"] == 16
-    assert rows["full-2x"]["trainable_parameters"] > rows["loramoe-lbc-2x"]["trainable_parameters"] > \
-        rows["lora-2x"]["trainable_parameters"]
-    assert set(rows["loramoe-lbc-2x"]["router"]) == {"knowledge", "task", "text"}
-    assert len(rows["loramoe-lbc-2x"]["router_experts"]["knowledge"]) == 6
-    assert rows["full-2x"]["kl_to_base"] > 0 and rows["lora-2x"]["drift"] > 0
-    assert saved["mix"]["2x"] == {"knowledge": 4, "task": 12, "total": 16}
-    assert (root / "out" / "router_by_type.png").is_file()
+    assert saved["contrasts"] == json.loads(json.dumps(results["contrasts"]))
+    assert list(saved["arms"]) == ["full", "lora", "loramoe-lbc"]
+    assert saved["arms"]["loramoe-lbc"]["runs"] == ["loramoe-lbc-s0", "loramoe-lbc-s1"]
+    for arm in saved["arms"].values():
+        assert arm["path"]["steps"] == [0, 2, 4] and arm["path"]["skill"][0] == 0.0  # log-spaced: 4 ** (1/2), 4
+        for measure in ("gold_logprob", "mc", "skill"):
+            end = arm["end"][measure]
+            assert end["low"] <= end["estimate"] <= end["high"]
+    assert [c["name"] for c in saved["contrasts"]] == ["backbone", "mixture"]
+    for contrast in saved["contrasts"]:
+        assert contrast["mc"]["verdict"] in ("higher", "lower", "no detectable difference", "not measurable")
+    router = saved["arms"]["loramoe-lbc"]["router"]
+    assert router["steps"] == [2, 4] and len(router["own_group_share"]["knowledge"]) == 2
+    assert len(router["final_per_layer"]["task"]["task"]) == 2  # two layers
+    assert saved["regime"]["arm"] == "full" and saved["probe"]["facts"] > 100
+    assert saved["arms"]["full"]["trainable_parameters"] > saved["arms"]["loramoe-lbc"]["trainable_parameters"]
     full_runs = [p for p in (root / "out" / "runs").iterdir() if p.name.startswith("full-")]
     assert full_runs and not any((p / "model.safetensors").exists() for p in full_runs)  # weights dropped
 
@@ -74,41 +81,36 @@ def test_a_second_lab_reuses_every_run_and_an_extended_one_trains_only_the_new(t
 
     monkeypatch.setattr(lab_runs, "train", counting_train)
     again = lab(lab_config=config, output=root / "out")
-    assert trained == [] and again["runs"] == json.loads(json.dumps(results["runs"]))
+    assert trained == [] and again["arms"] == json.loads(json.dumps(results["arms"]))
 
     extended = root / "extended.yaml"
-    extended.write_text(config.read_text().replace("loramoe-lbc: {", "loramoe: {method: loramoe, lr: 1.0e-3, "
-                                                   "balance_weight: 0.0}\n  loramoe-lbc: {"))
+    extended.write_text(config.read_text().replace("seeds: [0, 1]", "seeds: [0, 1, 2]"))
     more = lab(lab_config=extended, output=root / "out")
-    assert sorted(name.rsplit("-", 1)[0] for name in trained) == ["loramoe-1x", "loramoe-2x"]
-    assert len(more["runs"]) == len(results["runs"]) + 2
+    assert [name.rsplit("-", 1)[0] for name in trained] == ["loramoe-lbc-s2"]
+    assert more["arms"]["loramoe-lbc"]["seeds"] == [0, 1, 2]
 
 
-def test_an_interrupted_run_is_taken_up_where_it_stopped(tiny_lab, monkeypatch):
+def test_an_interrupted_run_is_done_again_and_nothing_else(tiny_lab, monkeypatch):
     root, config, _ = tiny_lab
-    folder = next(p for p in (root / "out" / "runs").iterdir() if p.name.startswith("lora-2x"))
-    (folder / "lab_run.json").unlink()  # trained, killed while scoring
-    monkeypatch.setattr(lab_runs, "train", lambda **kwargs: pytest.fail("a trained run was trained again"))
-    scored: list[str] = []
-    real_evaluate = lab_runs.evaluate
-    monkeypatch.setattr(lab_runs, "evaluate", lambda **kw: scored.append(str(kw["output"])) or real_evaluate(**kw))
+    folder = next(p for p in (root / "out" / "runs").iterdir() if p.name.startswith("lora-s0"))
+    (folder / "lab_run.json").unlink()  # killed before it finished
+    trained: list[str] = []
+    real_train = lab_runs.train
+    monkeypatch.setattr(lab_runs, "train", lambda **kw: trained.append(Path(kw["output"]).name) or real_train(**kw))
     lab(lab_config=config, output=root / "out")
-    assert scored == [str(folder / "eval")] and (folder / "lab_run.json").is_file()
+    assert trained == [folder.name] and (folder / "lab_run.json").is_file()
 
 
-def test_other_eval_settings_rescore_every_run_and_retrain_only_dropped_full_weights(tiny_lab, monkeypatch):
+def test_other_score_settings_redo_every_run(tiny_lab, monkeypatch):
     root, config, _ = tiny_lab
     trained: list[str] = []
     real_train = lab_runs.train
     monkeypatch.setattr(lab_runs, "train", lambda **kw: trained.append(Path(kw["output"]).name) or real_train(**kw))
-    other = root / "other_eval.yaml"
-    other.write_text(config.read_text().replace("knowledge: 3,", "knowledge: 2,"))
-    results = lab(lab_config=other, output=root / "out")
-    assert sorted(name.rsplit("-", 1)[0] for name in trained) == [
-        "full-1x", "full-2x", "full-2x-sequential", "full-2x-sequential-stage1"]
-    assert all(row["knowledge_questions"] == 2 * 6 for row in results["runs"])
-    assert results["base"]["knowledge_questions"] == 2 * 6
-    check_report(root / "out")
+    other = root / "other_score.yaml"
+    other.write_text(config.read_text().replace("task_items: 2,", "task_items: 1,"))
+    results = lab(lab_config=other, output=root / "out/other")
+    assert len(trained) == 4 and results["probe"]["task_items"] == 6
+    check_report(root / "out/other")
 
 
 def test_cli_runs_the_lab_and_writes_a_config_to_copy(tiny_lab, tmp_path):
@@ -125,30 +127,36 @@ def test_cli_runs_the_lab_and_writes_a_config_to_copy(tiny_lab, tmp_path):
 
 def test_settings_merge_file_then_profile():
     default = load_config()
-    assert list(default.variants) == ["full", "lora", "tied-lora", "loramoe", "loramoe-lbc"]
-    assert default.mix.sizes == [1, 4, 16] and default.sequential == ["full", "loramoe-lbc"]
+    assert list(default.variants) == ["full", "lora", "loramoe", "loramoe-lbc", "loramoe-route"]
+    assert [c.name for c in default.contrasts][:2] == ["constraint", "mixture"]
+    assert all(len(default.seeds(v)) >= 2 for v in default.variants if v.startswith("loramoe"))
     quick = load_config(profile="quick")
-    assert quick.mix.sizes == [1, 4] and quick.mix.templates == default.mix.templates
-    assert quick.sources == ["lab.yaml (shipped)", "profile quick"]
+    assert quick.mix.records < default.mix.records and quick.mix.templates == default.mix.templates
+    assert quick.sources == ["lab.yaml (shipped)", "profile quick"] and quick.score.points == default.score.points
 
 
 def test_a_user_file_merges_mappings_and_replaces_variants(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text("mix: {unit: 10}\nvariants:\n  lora: {method: lora, lr: 0.001}\nsequential: []\n")
+    path.write_text("mix: {records: 10}\nvariants:\n  lora: {method: lora, lr: 0.001}\ncontrasts: []\n")
     config = load_config(path)
-    assert config.mix.unit == 10 and config.mix.sizes == [1, 4, 16]
-    assert list(config.variants) == ["lora"] and config.eval.max_new_tokens == 20
+    assert config.mix.records == 10 and config.mix.knowledge_share == load_config().mix.knowledge_share
+    assert list(config.variants) == ["lora"] and config.seeds("lora") == [config.seed]
 
 
 @pytest.mark.parametrize("text, message", [
     ("bogus: 1\n", "unknown key 'bogus'"),
     ("mix: {units: 3}\n", "'mix' has unknown keys \\['units'\\]"),
-    ("variants: {x: {method: dora}}\nsequential: []\n", "variants.x.method must be"),
-    ("variants: {x: {method: lora, learning_rate: 1}}\nsequential: []\n", "variants.x.learning_rate"),
-    ("sequential: [nope]\n", "sequential names 'nope'"),
+    ("variants: {x: {method: dora}}\ncontrasts: []\n", "variants.x.method must be"),
+    ("variants: {x: {method: lora, learning_rate: 1}}\ncontrasts: []\n", "variants.x.learning_rate"),
+    ("variants: {x: {method: lora, seeds: [1, 1]}}\ncontrasts: []\n", "variants.x.seeds"),
+    ("contrasts: [{name: c, a: full, b: nope, question: q}]\n", "contrast 'c' names 'nope'"),
+    ("contrasts: [{name: c, a: full}]\n", "contrasts\\[0\\]"),
     ("train: {data: [a.jsonl]}\n", "train.data"),
+    ("train: {max_steps: 3}\n", "train.max_steps"),
     ("mix: {knowledge: [capitol]}\n", "mix.knowledge \\['capitol'\\]"),
     ("mix: {knowledge_share: 1.5}\n", "knowledge_share"),
+    ("score: {precision: fp8}\n", "score.precision"),
+    ("score: {levels: [0.5, 2]}\n", "score.levels"),
     ("- a list\n", "must be a mapping"),
     ("mix: [unclosed\n", "not valid YAML"),
 ])
@@ -162,24 +170,48 @@ def test_bad_settings_name_the_file_and_key(tmp_path, text, message):
         load_config(tmp_path / "missing.yaml")
 
 
-def test_the_mix_is_nested_typed_and_split_in_two_for_the_sequential_runs(tmp_path):
+def test_the_mix_is_typed_short_and_a_prefix_of_a_larger_one(tmp_path):
     config = load_config().mix
-    mix = build_mix(config, tmp_path, seed=0)
-    read = {size: [json.loads(line) for line in path.read_text().splitlines()] for size, path in mix.sizes.items()}
-    assert {size: len(records) for size, records in read.items()} == {"1x": 8, "4x": 32, "16x": 128}
-    as_set = {size: {json.dumps(r, sort_keys=True) for r in records} for size, records in read.items()}
-    assert as_set["1x"] <= as_set["4x"] <= as_set["16x"]
-    assert sum(r["type"] == "knowledge" for r in read["16x"]) == 32
-    parts = [json.loads(line) for p in (mix.task_part, mix.knowledge_part) for line in p.read_text().splitlines()]
-    assert {json.dumps(r, sort_keys=True) for r in parts} == as_set["16x"]
-    assert all(len(r["instruction"]) < config.max_context_chars + 400 for r in read["16x"])
-    config.unit = 100_000
-    with pytest.raises(ValueError, match="lower mix.unit"):
+    mix = build_mix(config, tmp_path / "a", seed=0)
+    records = [json.loads(line) for line in mix.path.read_text().splitlines()]
+    assert len(records) == config.records and mix.counts["total"] == config.records
+    assert sum(r["type"] == "knowledge" for r in records) == mix.counts["knowledge"] == round(config.records * 0.02)
+    assert all(len(r["instruction"]) < config.max_context_chars + 400 for r in records)
+    config.records *= 2
+    larger = {json.dumps(json.loads(line), sort_keys=True)
+              for line in build_mix(config, tmp_path / "b", seed=0).path.read_text().splitlines()}
+    assert {json.dumps(r, sort_keys=True) for r in records if r["type"] == "task"} <= larger
+    config.records = 1_000_000
+    with pytest.raises(ValueError, match="lower mix.records"):
         build_mix(config, tmp_path / "big", seed=0)
 
 
-@pytest.mark.parametrize("profile", ["quick", "full"])
-def test_every_shipped_profile_builds_its_mix(tmp_path, profile):
-    config = load_config(profile=profile)
-    mix = build_mix(config.mix, tmp_path, seed=config.seed)
-    assert list(mix.counts) == [size_label(size) for size in sorted(config.mix.sizes)]
+def test_the_probe_asks_every_held_out_fact_with_distractors_of_its_relation(tmp_path):
+    config = load_config()
+    mix = build_mix(config.mix, tmp_path, seed=0)
+    s = config.score
+    probe = build_probe(relations=config.mix.knowledge, tasks=config.mix.tasks, mix_file=mix.path, seed=0,
+                        choices=s.choices, task_items=s.task_items, chat_items=s.chat_items,
+                        generation_items=s.generation_items, max_context_chars=config.mix.max_context_chars)
+    assert len(probe.facts) > 500 and probe.relations == config.mix.knowledge
+    for fact in probe.facts:
+        assert len(fact.distractors) == 3 and not set(fact.distractors) & set(fact.aliases)
+    assert len(probe.chat) == 8 * len(config.mix.knowledge)
+    assert all(n <= 16 for n in [sum(t.task == name for t in probe.tasks) for name in probe.task_names])
+    assert probe.key() == build_probe(relations=config.mix.knowledge, tasks=config.mix.tasks, mix_file=mix.path,
+                                      seed=0, choices=4, task_items=16, chat_items=8, generation_items=4,
+                                      max_context_chars=config.mix.max_context_chars).key()
+
+
+def test_the_full_profile_plans_its_runs_without_training(tmp_path):
+    save_tiny(tmp_path / "model")
+    path = tmp_path / "gpu.yaml"
+    path.write_text(f"model: {tmp_path / 'model'}\n")
+    config = load_config(path, profile="full")
+    mix = build_mix(config.mix, tmp_path / "mix", seed=config.seed)
+    runs = lab_runs.plan(config, mix, "key")
+    assert len(runs) == sum(len(config.seeds(v)) for v in config.variants) == 21
+    assert {r.settings["max_steps"] for r in runs} == {4096 // 16}
+    assert runs[0].steps == [3, 6, 16, 40, 102, 256]
+    assert {r.settings["model"] for r in runs} == {str(tmp_path / "model")}
+    assert len({r.key for r in runs}) == len(runs)

@@ -34,7 +34,8 @@ def test_loramoe_file_layout(saved_loramoe):
     assert document["method"] == "loramoe" and document["loramoe_version"]
     assert document["config"] == {"target_modules": None, "dropout": 0.05, "dtype": None,
                                   "num_experts": 4, "groups": None, "r": 2, "alpha": 32.0,
-                                  "balance_delta": 0.1, "balance_weight": 0.1}
+                                  "balance_delta": 0.1, "balance_weight": 0.1, "balance_importance": "mean",
+                                  "route_weight": 0.0, "route_target": 0.9}
     assert document["base_model"]["hidden_size"] == 32 and document["base_model"]["model_type"] == "llama"
     tensors = load_file(saved_loramoe / WEIGHTS_NAME)
     assert tensors["model.layers.0.mlp.down_proj.router.weight"].shape == (4, 48)
@@ -122,6 +123,17 @@ KEY = "model.layers.0.mlp.up_proj.lora_A"
 ])
 def test_load_errors_name_the_problem_and_leave_the_model_alone(saved_loramoe, corrupt, message):
     _assert_load_fails_and_leaves_the_model_alone(saved_loramoe, corrupt, message)
+
+
+def test_training_fields_round_trip_and_older_files_without_them_load(tmp_path):
+    config = LoraMoEConfig(r=2, balance_importance="sum", route_weight=0.5, route_target=0.7)
+    loramoe.save_adapter(_trained(tiny_llama(), config), tmp_path / "new")
+    assert loramoe.adapter_config(loramoe.load_adapter(tiny_llama(), tmp_path / "new")) == config
+    loramoe.save_adapter(_trained(tiny_llama(), LoraMoEConfig(r=2)), tmp_path / "old")
+    _edit_config(tmp_path / "old", lambda d: [d["config"].pop(k) for k in
+                                              ("balance_importance", "route_weight", "route_target")])
+    old = loramoe.adapter_config(loramoe.load_adapter(tiny_llama(), tmp_path / "old"))
+    assert (old.balance_importance, old.route_weight, old.route_target) == ("mean", 0.0, 0.9)
 
 
 @pytest.fixture

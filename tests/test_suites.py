@@ -122,7 +122,7 @@ def test_known_facts_and_aliases():
 
 def test_min_population_keeps_the_large_countries():
     large = knowledge_examples("capital", min_population=5_000_000)
-    assert 110 <= len(large) <= 130  # METHOD.md: 121 countries over 5M people
+    assert 110 <= len(large) <= 130  # docs/method.md, section 5: 121 countries over 5M people
     assert "France" in {e.subject for e in large} and "Monaco" not in {e.subject for e in large}
 
 

@@ -212,7 +212,8 @@ def test_export_of_lora_is_its_folder_and_of_loramoe_an_error(tmp_path):
 
 
 def test_counts_reproduce_the_papers_fused_qkv_llama2_7b():
-    """METHOD.md s. 2: LoRA 4,194,304; tied A, B 131,072; u, v 393,472; TL6 524,544 at r = 8."""
+    """docs/method.md, section 2 (Parameter counts): LoRA 4,194,304; tied A, B 131,072;
+    u, v 393,472; TL6 524,544 at r = 8."""
     assert lora_parameters(LLAMA2_7B_QKV, 32, 8) == 4_194_304
     assert tied_lora_parameters(LLAMA2_7B_QKV, 32, TiedLoraConfig(r=8, preset="TL5")) == 131_072
     assert tied_lora_parameters(LLAMA2_7B_QKV, 32, TiedLoraConfig(r=8, preset="vera")) == 393_472

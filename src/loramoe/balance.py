@@ -1,16 +1,28 @@
-"""The localized balancing constraint of LoRAMoE (arXiv 2312.09979), as pure tensor functions.
+"""The localized balancing constraint of LoRAMoE (arXiv 2312.09979), and an opt-in routing
+objective beyond the paper, as pure tensor functions.
 
-Per LoRAMoE layer, with ``Q[n, m]`` the importance of expert n for sample m (its gate weights
-summed over the sample's non-padding tokens) and ``I[n, m]`` = 1 + delta when expert n's group
-serves sample m's type, 1 - delta when it serves another type, and 1 for samples whose type no
-group claims (untyped ones included)::
+Per LoRAMoE layer, with ``Q[n, m]`` the importance of expert n for sample m and ``I[n, m]`` =
+1 + delta when expert n's group serves sample m's type, 1 - delta when it serves another type, and
+1 for samples whose type no group claims (untyped ones included)::
 
     Z = I * Q,    L_lbc = var(Z) / mean(Z)^2        (squared coefficient of variation)
 
 ``var`` is the unbiased sample variance over all E*M entries and ``mean(Z)^2`` gets an epsilon of
 1e-10, as in the reference code; the paper prints var/mean, the authors confirmed var/mean^2. The
 training loss adds ``beta * sum over layers of L_lbc``. The reference code fixes two equal groups
-(type 1 -> first half of the experts) and counts padding; here any groups of any sizes, no padding.
+(type 1 -> first half of the experts); here any groups of any sizes.
+
+What it does: L_lbc is 0 exactly when every entry of Z is equal, i.e. when Q goes as 1 / I. With
+two equal groups a typed sample then puts (1 - delta) / 2 of its gate mass (45 % at delta = 0.1)
+on its own group: the constraint balances the experts and leans each sample slightly *away* from
+its own group; it does not make groups specialise. :func:`group_routing_loss` (not in the paper)
+is a separate objective whose minimum does send each typed sample's gate mass to its own group.
+
+Q is each sample's gate sum over its non-padding tokens, divided by their count by default
+(:func:`sample_importance`, mode ``"mean"``). The raw sum (``"sum"``) makes each column of Q total
+the sample's length, a spread the router cannot remove that the constraint then penalises; the
+reference code avoids it by summing over padded positions too, so every column totals the padded
+length. ``"mean"`` gives every column the same total without counting padding.
 """
 
 from __future__ import annotations
@@ -20,6 +32,21 @@ from torch import Tensor
 
 EPS = 1e-10
 UNTYPED = -1
+IMPORTANCE_MODES = ("mean", "sum")
+"""How a sample's gate sums become its importance: divided by its token count, or as they are."""
+SHARE_FLOOR = 1e-6
+"""Smallest group share the routing objective takes the log of, so a starved group stays finite."""
+
+
+def sample_importance(gate_sums: Tensor, token_counts: Tensor, mode: str) -> Tensor:
+    """Per-sample importance (..., M, E) from gate sums over non-padding tokens (..., M, E) and
+    the samples' token counts (M,): ``"mean"`` divides by the count (a sample without tokens
+    stays 0), ``"sum"`` returns the sums."""
+    if mode == "sum":
+        return gate_sums
+    if mode != "mean":
+        raise ValueError(f"importance mode must be one of {IMPORTANCE_MODES}, got {mode!r}")
+    return gate_sums / token_counts.to(gate_sums.dtype).clamp(min=1).unsqueeze(-1)
 
 
 def balance_coefficients(sample_types: Tensor, expert_groups: Tensor, delta: float) -> Tensor:
@@ -40,7 +67,7 @@ def cv_squared(z: Tensor) -> Tensor:
 
 
 def balancing_loss(importance: Tensor, sample_types: Tensor, expert_groups: Tensor, delta: float) -> Tensor:
-    """``L_lbc`` of one layer. importance: (M, E) per-sample gate sums over non-padding tokens;
+    """``L_lbc`` of one layer. importance: (M, E) per-sample importance (:func:`sample_importance`);
     sample_types: (M,) group index per sample (``UNTYPED`` = -1); expert_groups: (E,) group index
     per expert. Returns a float32 scalar."""
     q = importance.float().T  # (E, M)
@@ -61,3 +88,27 @@ def group_shares(importance: Tensor, sample_types: Tensor, expert_groups: Tensor
         if len(rows):
             shares[t] = rows.sum(0) / rows.sum()
     return shares
+
+
+def group_routing_loss(importance: Tensor, sample_types: Tensor, expert_groups: Tensor, num_groups: int,
+                       target: float) -> Tensor:
+    """An objective beyond the paper that routes each typed sample to its own group. For a sample
+    of type t (a group index), ``s`` is its gate mass per group normalised to sum 1 and the target
+    ``p`` is ``target`` on group t and ``(1 - target) / (num_groups - 1)`` on every other group;
+    the loss is the mean over typed samples of the cross-entropy ``-sum_g p_g log s_g``, smallest
+    where s = p. importance: (M, E); sample_types: (M,), ``UNTYPED`` or a type no group has is
+    skipped; expert_groups: (E,). A batch without a typed sample gives a zero that keeps the graph.
+    Returns a float32 scalar."""
+    if num_groups < 2:
+        raise ValueError(f"group_routing_loss needs at least 2 groups, got {num_groups}")
+    q = importance.float()
+    sample_types = sample_types.to(q.device)
+    typed = (sample_types >= 0) & (sample_types < num_groups)
+    onehot_groups = torch.nn.functional.one_hot(expert_groups.to(q.device).clamp(min=0), num_groups).float()
+    per_group = q @ onehot_groups  # (M, G)
+    shares = (per_group / per_group.sum(-1, keepdim=True).clamp(min=EPS)).clamp(min=SHARE_FLOOR)
+    own = torch.nn.functional.one_hot(torch.where(typed, sample_types, 0), num_groups).bool()
+    wanted = torch.where(own, target, (1.0 - target) / (num_groups - 1))
+    cross_entropy = -(wanted * shares.log()).sum(-1)  # (M,); untyped rows are masked out below
+    # a mask rather than indexing: no host sync, and an all-untyped batch still gives a zero in the graph
+    return (cross_entropy * typed).sum() / typed.sum().clamp(min=1)

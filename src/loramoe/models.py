@@ -97,6 +97,15 @@ def _convert_gguf(gguf: Path, out: Path, name: str) -> None:
     (out / "loramoe_source.json").write_text(json.dumps({"name": name, "gguf": str(gguf)}, indent=2))
 
 
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer :func:`load` gives with the model (a pad token set to EOS where it has none)."""
+    source = str(embedded_model_dir(name_or_path)) if name_or_path in EMBEDDED else name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load(name_or_path: str, *, dtype: torch.dtype | str | None = None, device: str | None = None,
          trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(model, tokenizer)`` for an embedded model name (see ``EMBEDDED``), a local folder or a
@@ -104,11 +113,9 @@ def load(name_or_path: str, *, dtype: torch.dtype | str | None = None, device: s
     source = str(embedded_model_dir(name_or_path)) if name_or_path in EMBEDDED else name_or_path
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32,
                                                  trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     if name_or_path in EMBEDDED:
         model.config._name_or_path = name_or_path
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     if device is not None:
         model.to(device)
     return model, tokenizer

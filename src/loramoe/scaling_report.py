@@ -19,7 +19,8 @@ PAPER = {
     "power_forgetting": {"OpenOrca": {"alpha": 0.035, "beta": 0.147, "rho": 7.69}, "News": {"alpha": 0.046, "beta": 0.104}},
     "power_r2": "0.96-0.98",
 }
-"""The paper's fitted constants, as collected in the project's METHOD.md, section 3."""
+"""The paper's fitted constants, as collected in docs/method.md, section 3 ("Scaling laws of
+forgetting")."""
 
 PLOTS = {"steps": "forgetting_vs_steps.png", "linear": "forgetting_vs_finetuning.png", "residuals": "residuals.png"}
 NAMES = {"lora": "LoRA", "tied-lora": "Tied LoRA", "loramoe": "LoRAMoE", "full": "full fine-tuning"}

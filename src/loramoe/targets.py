@@ -22,7 +22,8 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "bloom": ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
     "opt": ["fc1", "fc2"],
 }
-"""The feed-forward projections of each family, as LoRAMoE places its experts (METHOD.md s. 1)."""
+"""The feed-forward projections of each family, as LoRAMoE places its experts (docs/method.md,
+section 1.1 "The layer")."""
 
 
 class TargetError(ValueError):

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 Method = Literal["loramoe", "lora", "tied-lora", "full"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Importance = Literal["mean", "sum"]
 
 
 def _precision(precision: Precision) -> dict[str, bool]:
@@ -47,8 +48,7 @@ def _precision(precision: Precision) -> dict[str, bool]:
 
 
 def _adapter_config(method: Method, rank: int | None, alpha: float | None, dropout: float | None,
-                    target_modules: list[str] | None, num_experts: int | None, groups: dict[str, int] | None,
-                    balance_delta: float, balance_weight: float, preset: str) -> AdapterConfig | None:
+                    target_modules: list[str] | None, preset: str, loramoe: dict[str, Any]) -> AdapterConfig | None:
     given = {k: v for k, v in dict(r=rank, alpha=alpha, dropout=dropout, target_modules=target_modules).items()
              if v is not None}
     if method == "lora":
@@ -56,8 +56,7 @@ def _adapter_config(method: Method, rank: int | None, alpha: float | None, dropo
     if method == "tied-lora":
         return TiedLoraConfig(**given, preset=preset)
     if method == "loramoe":
-        return LoraMoEConfig(**given, num_experts=num_experts, groups=groups, balance_delta=balance_delta,
-                             balance_weight=balance_weight)
+        return LoraMoEConfig(**given, **loramoe)
     return None
 
 
@@ -75,6 +74,9 @@ def train(
     groups: dict[str, int] | None = None,
     balance_delta: float = 0.1,
     balance_weight: float = 0.1,
+    balance_importance: Importance = "mean",
+    route_weight: float = 0.0,
+    route_target: float = 0.9,
     require_types: bool = False,
     max_steps: int = -1,
     epochs: float = 1.0,
@@ -114,7 +116,14 @@ def train(
         num_experts: LoRAMoE experts per projection (default: the sum of groups).
         groups: LoRAMoE expert groups by sample type, e.g. {knowledge: 3, task: 3} (the default).
         balance_delta: delta of the localized balancing constraint.
-        balance_weight: beta, the weight of the constraint (0 turns it off).
+        balance_weight: beta, the weight of the constraint (0 turns it off). It balances the
+            experts; it does not make a group specialise in its type (see docs/training.md).
+        balance_importance: a sample's importance in the constraint: mean (gate sums over its
+            tokens divided by their count, so length does not enter) or sum (the raw sums).
+        route_weight: weight of the routing objective, an extension beyond the paper that pulls
+            each typed sample's gate mass towards its own group (0, the default, turns it off).
+        route_target: share of a typed sample's gate mass the routing objective sends to its own
+            group, in (0, 1).
         require_types: every record must have a type that an expert group claims.
         max_steps: optimizer steps; -1 to run ``epochs`` epochs.
         epochs: passes over the data when max_steps is -1.
@@ -166,8 +175,10 @@ def train(
             raise ValueError(f"--init-adapter {init_adapter} holds a {config.method} adapter, not --method {method}")
         load_adapter(base, init_adapter)
     else:
-        config = _adapter_config(method, rank, alpha, dropout, target_modules, num_experts, groups,
-                                 balance_delta, balance_weight, preset)
+        loramoe = {"num_experts": num_experts, "groups": groups, "balance_delta": balance_delta,
+                   "balance_weight": balance_weight, "balance_importance": balance_importance,
+                   "route_weight": route_weight, "route_target": route_target}
+        config = _adapter_config(method, rank, alpha, dropout, target_modules, preset, loramoe)
         if config is not None:
             attach(base, config)
     if isinstance(config, LoraMoEConfig) and config.groups is not None:
@@ -208,7 +219,8 @@ def train(
         "tokens": int(trainer.state.num_input_tokens_seen), "seconds": round(time.time() - started, 2),
         "train_runtime": result.metrics.get("train_runtime"),
         "final_loss": last.get("loss"), "final_lm_loss": last.get("lm_loss", last.get("loss")),
-        "final_lbc_loss": last.get("lbc_loss"), "train_loss": result.training_loss,
+        "final_lbc_loss": last.get("lbc_loss"), "final_route_loss": last.get("route_loss"),
+        "train_loss": result.training_loss,
         "trainable_parameters": params.trainable, "total_parameters": params.total,
         "adapter": asdict(config) if config is not None else None,
         "resumed_from": str(last_checkpoint) if last_checkpoint else None,

@@ -3,11 +3,13 @@
 What it adds to the stock trainer (schedule, accumulation, mixed precision, checkpointing,
 resume, distributed runs and logging all stay the Trainer's):
 
-- the localized balancing constraint: batches carry a ``sample_type`` column (group index, -1
-  untyped) that never reaches the model; the gates come from :func:`loramoe.routing.capture_routing`,
-  so the model's forward is untouched and checkpointed recomputations are not counted twice;
-- logs of the LM loss, the constraint and the router balance (per sample type, the share of gate
-  mass each expert group received), averaged between logging steps, to every ``report_to`` target;
+- the localized balancing constraint and, when ``route_weight`` > 0, the routing objective
+  (:mod:`loramoe.balance`): batches carry a ``sample_type`` column (group index, -1 untyped) that
+  never reaches the model; the gates come from :func:`loramoe.routing.capture_routing`, so the
+  model's forward is untouched and checkpointed recomputations are not counted twice;
+- logs of the LM loss, the constraint, the routing objective and the router balance (per sample
+  type, the share of gate mass each expert group received), averaged between logging steps, to
+  every ``report_to`` target;
 - adapter-only checkpoints (``adapter_config.json`` + ``adapter_model.safetensors``) instead of the
   whole model, and a completion marker written last, so a checkpoint killed half-way is never resumed;
 - a stop with a clear message on a NaN or infinite loss, leaving the checkpoints as they are;
@@ -39,7 +41,7 @@ from transformers.integrations import TensorBoardCallback
 from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import adapter_config
 from loramoe.fileio import atomic_write_text
-from loramoe.balance import balancing_loss, group_shares
+from loramoe.balance import balancing_loss, group_routing_loss, group_shares, sample_importance
 from loramoe.data import IGNORE_INDEX
 from loramoe.routing import capture_routing
 from loramoe.sampling import LengthGroupedSampler
@@ -110,25 +112,35 @@ class LoraMoETrainer(Trainer):
             return result
         with capture_routing(model, keep_graph=True) as routing:
             lm_loss, outputs = self._lm_loss(model, inputs, True, num_items_in_batch)
-        importance = torch.stack(list(routing.sample_gates().values()))  # (layers, samples, E)
-        expert_groups = torch.tensor(self.loramoe.expert_groups(), device=importance.device)
+        config = self.loramoe
+        # per-sample normalisation is local (each process knows its own token counts), before the gather
+        importance = sample_importance(torch.stack(list(routing.sample_gates().values())),  # (layers, samples, E)
+                                       torch.cat(routing.token_counts), config.balance_importance)
+        expert_groups = torch.tensor(config.expert_groups(), device=importance.device)
         if sample_types is None:
             sample_types = torch.full((importance.shape[1],), -1)
         sample_types = sample_types.to(importance.device)
         if self.args.world_size > 1:  # the constraint is over the global batch, as in one process
             importance = torch.cat(torch.distributed.nn.functional.all_gather(importance), dim=1)
             sample_types = torch.cat(self.accelerator.gather(sample_types[None]).unbind(0))
-        lbc = sum(balancing_loss(q, sample_types, expert_groups, self.loramoe.balance_delta) for q in importance)
+        lbc = sum(balancing_loss(q, sample_types, expert_groups, config.balance_delta) for q in importance)
+        extra = config.balance_weight * lbc
+        if config.route_weight > 0:
+            route = sum(group_routing_loss(q, sample_types, expert_groups, len(config.groups), config.route_target)
+                        for q in importance)
+            extra = extra + config.route_weight * route
         loss_is_scaled = (self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else
                           (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
                           or self.compute_loss_func is not None)
         # when the LM loss is already normalised over the accumulated batch, the Trainer won't
-        # divide by the accumulation steps, so the per-micro-batch constraint is divided here
+        # divide by the accumulation steps, so the per-micro-batch terms are divided here
         steps = self.current_gradient_accumulation_steps if loss_is_scaled else 1
-        loss = lm_loss + self.loramoe.balance_weight * lbc.to(lm_loss.dtype) / steps
+        loss = lm_loss + extra.to(lm_loss.dtype) / steps
         self._check_finite(loss)
         self._record("lm_loss", lm_loss.item() * (steps / self._lm_scale()))
         self._record("lbc_loss", lbc.item())
+        if config.route_weight > 0 and (sample_types >= 0).any():  # an all-untyped batch has no say in it
+            self._record("route_loss", route.item())
         self._record_balance(importance, sample_types, expert_groups)
         return (loss, outputs) if return_outputs else loss
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from loramoe.adapters.base import SUPPORTED_BASE_LAYERS, AdapterConfig, AdapterLayer, MergeError
+from loramoe.balance import IMPORTANCE_MODES
 from loramoe.functional import dropout_positions, loramoe_delta, router_gates
 from loramoe.fused import Member, inference_plan, loramoe_group, loramoe_group_inference
 
@@ -64,10 +65,10 @@ class LoraMoEConfig(AdapterConfig):
     """Experts per adapted projection. None: the sum of ``groups``."""
 
     groups: dict[str, int] | None = None
-    """Expert groups for the localized balancing constraint, by the sample type each serves, in
-    expert order: ``{"knowledge": 3, "task": 3}`` makes experts 0-2 the knowledge group. None with
-    ``num_experts`` None: the paper's two groups of 3; None with ``num_experts`` set: one pool
-    without groups, where the constraint is plain importance balancing."""
+    """Expert groups for the balancing constraint and the routing objective, by the sample type
+    each serves, in expert order: ``{"knowledge": 3, "task": 3}`` makes experts 0-2 the knowledge
+    group. None with ``num_experts`` None: the paper's two groups of 3; None with ``num_experts``
+    set: one pool without groups, where the constraint is plain importance balancing."""
 
     r: int = 4
     """Rank of each expert."""
@@ -84,7 +85,22 @@ class LoraMoEConfig(AdapterConfig):
 
     balance_weight: float = 0.1
     """beta: weight of the balancing constraint (summed over LoRAMoE layers) in the training loss;
-    0 turns it off."""
+    0 turns it off. The constraint balances the experts; at its minimum a typed sample gives its
+    own group slightly less than an even share ((1 - delta) / 2 with two equal groups)."""
+
+    balance_importance: str = "mean"
+    """A sample's importance Q in the constraint: ``"mean"``, its gate sums divided by its
+    non-padding token count, so every sample weighs the same as in the reference code (which sums
+    over padding); ``"sum"``, the raw sums, which let sample length into the constraint."""
+
+    route_weight: float = 0.0
+    """Weight of the routing objective (not in the paper, see :func:`loramoe.balance.group_routing_loss`)
+    summed over LoRAMoE layers in the training loss: it pulls each typed sample's gate mass
+    towards ``route_target`` on its own group. 0 turns it off."""
+
+    route_target: float = 0.9
+    """Share of a typed sample's gate mass the routing objective sends to its own group; the rest
+    is spread evenly over the other groups."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -103,6 +119,16 @@ class LoraMoEConfig(AdapterConfig):
             raise ValueError(f"balance_delta must be in [0, 1), got {self.balance_delta}")
         if self.balance_weight < 0:
             raise ValueError(f"balance_weight must be >= 0, got {self.balance_weight}")
+        if self.balance_importance not in IMPORTANCE_MODES:
+            raise ValueError(f"balance_importance must be one of {', '.join(IMPORTANCE_MODES)}, "
+                             f"got {self.balance_importance!r}")
+        if self.route_weight < 0:
+            raise ValueError(f"route_weight must be >= 0, got {self.route_weight}")
+        if not 0.0 < self.route_target < 1.0:
+            raise ValueError(f"route_target must be in (0, 1), got {self.route_target}")
+        if self.route_weight > 0 and (self.groups is None or len(self.groups) < 2):
+            raise ValueError(f"route_weight > 0 routes samples to their type's group: it needs groups "
+                             f"with at least 2 sample types, got groups={self.groups}")
         if self.r < 1:
             raise ValueError(f"r must be >= 1, got {self.r}")
 
@@ -204,6 +230,18 @@ class LoraMoELinear(AdapterLayer):
 
     def _run_group(self, x: Tensor, group: list[LoraMoELinear]) -> tuple[list[Tensor], Tensor]:
         members = [layer._member() for layer in group]
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # the op's in-place accumulations and custom backward are not autocast-aware: run it in
+            # the autocast dtype throughout, as autocast would run each of its matmuls (the casts
+            # are differentiable, so the parameters' gradients come back in their own dtype)
+            dtype = torch.get_autocast_dtype(device)
+            members = [Member(*(None if t is None else t.to(dtype) for t in m)) for m in members]
+            with torch.autocast(device, enabled=False):
+                return self._run_members(x.to(dtype), members)
+        return self._run_members(x, members)
+
+    def _run_members(self, x: Tensor, members: list[Member]) -> tuple[list[Tensor], Tensor]:
         training = self.training and self.dropout > 0
         if torch.is_grad_enabled() or training:
             drop = dropout_positions(x.shape, self.dropout, x.device) if training else None

@@ -23,11 +23,12 @@ from loramoe.suites.wiki import TEMPLATES as WIKI_TASKS
 from loramoe.train import train
 
 DEFAULT_CONFIG = resources.files("loramoe.lab").joinpath("lab.yaml")
-PROFILES = ("quick", "full")
 TASKS = (*WIKI_TASKS, *(f"translation-{lang}" for lang in LANGUAGES))
-LAB_OWNED = {"data", "output", "model", "seed", "resume", "init_adapter", "method"}
+LAB_OWNED = {"data", "output", "model", "seed", "resume", "init_adapter", "method", "max_steps", "callbacks"}
 """``loramoe train`` settings the lab sets itself, per run."""
 TRAIN_SETTINGS = set(inspect.signature(train).parameters) - LAB_OWNED
+WHOLE = {"variants"}
+"""Mappings a later file replaces whole instead of merging key by key (so a profile can drop arms)."""
 
 
 class LabConfigError(ValueError):
@@ -36,8 +37,7 @@ class LabConfigError(ValueError):
 
 @dataclass
 class MixConfig:
-    unit: int
-    sizes: list[float]
+    records: int
     knowledge_share: float
     templates: int
     answer_style: str
@@ -47,12 +47,25 @@ class MixConfig:
 
 
 @dataclass
-class EvalConfig:
-    limit: dict[str, int | None]
+class ScoreConfig:
+    points: int
+    choices: int
+    task_items: int | None
+    chat_items: int
+    generation_items: int
     max_new_tokens: int
     batch_size: int
-    max_length: int
-    prompt_style: str | None
+    precision: str
+    levels: list[float]
+    bootstrap: int
+
+
+@dataclass
+class Contrast:
+    name: str
+    a: str
+    b: str
+    question: str
 
 
 @dataclass
@@ -62,17 +75,20 @@ class LabConfig:
     mix: MixConfig
     train: dict[str, Any]
     variants: dict[str, dict[str, Any]]
-    sequential: list[str]
-    eval: EvalConfig
+    contrasts: list[Contrast]
+    score: ScoreConfig
     keep_full_weights: bool
     sources: list[str] = field(default_factory=list)
     """The files (and profile) the settings came from, for the report."""
+
+    def seeds(self, variant: str) -> list[int]:
+        return list(self.variants[variant].get("seeds", [self.seed]))
 
 
 def _merge(base: dict, update: dict, path: str = "") -> dict:
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict) and f"{path}{key}" != "variants":
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and f"{path}{key}" not in WHOLE:
             merged[key] = _merge(base[key], value, f"{path}{key}.")
         else:
             merged[key] = value
@@ -102,11 +118,11 @@ def _section(data: dict, key: str, cls: type, where: str) -> Any:
 
 
 def _check(config: LabConfig, where: str) -> None:
-    mix = config.mix
-    if mix.unit < 1 or not mix.sizes or any(s <= 0 for s in mix.sizes) or mix.templates < 1:
-        raise LabConfigError(f"{where}: mix.unit and mix.templates must be >= 1 and mix.sizes positive")
-    if not 0.0 < mix.knowledge_share < 1.0:
-        raise LabConfigError(f"{where}: mix.knowledge_share must be between 0 and 1, got {mix.knowledge_share}")
+    mix, score = config.mix, config.score
+    if mix.records < 1 or mix.templates < 1:
+        raise LabConfigError(f"{where}: mix.records and mix.templates must be >= 1")
+    if not 0.0 <= mix.knowledge_share < 1.0:
+        raise LabConfigError(f"{where}: mix.knowledge_share must be in [0, 1), got {mix.knowledge_share}")
     if mix.answer_style not in get_args(AnswerStyle):
         raise LabConfigError(f"{where}: mix.answer_style must be one of {', '.join(get_args(AnswerStyle))}, "
                              f"got '{mix.answer_style}'")
@@ -122,15 +138,35 @@ def _check(config: LabConfig, where: str) -> None:
     for name, settings in config.variants.items():
         if not isinstance(settings, dict) or settings.get("method") not in ("full", "lora", "tied-lora", "loramoe"):
             raise LabConfigError(f"{where}: variants.{name}.method must be full, lora, tied-lora or loramoe")
-        unknown = sorted(set(settings) - TRAIN_SETTINGS - {"method"})
+        unknown = sorted(set(settings) - TRAIN_SETTINGS - {"method", "seeds"})
         if unknown:
             raise LabConfigError(f"{where}: variants.{name}.{unknown[0]} is not a `loramoe train` setting")
-    for name in config.sequential:
-        if name not in config.variants:
-            raise LabConfigError(f"{where}: sequential names '{name}', which is not in variants")
-    suites = {"knowledge", "tasks", "lm-loss"}
-    if set(config.eval.limit) - suites:
-        raise LabConfigError(f"{where}: eval.limit keys must be among {sorted(suites)}")
+        seeds = settings.get("seeds", [config.seed])
+        if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) or \
+                not all(isinstance(s, int) for s in seeds):
+            raise LabConfigError(f"{where}: variants.{name}.seeds must be a list of distinct integers")
+    for contrast in config.contrasts:
+        for arm in (contrast.a, contrast.b):
+            if arm not in config.variants:
+                raise LabConfigError(f"{where}: contrast '{contrast.name}' names '{arm}', which is not in variants")
+    if score.points < 1 or score.choices < 2 or score.bootstrap < 100 or score.batch_size < 1:
+        raise LabConfigError(f"{where}: score.points >= 1, score.choices >= 2, score.bootstrap >= 100 "
+                             "and score.batch_size >= 1 are needed")
+    if score.precision not in ("bf16", "fp32"):
+        raise LabConfigError(f"{where}: score.precision must be bf16 or fp32, got '{score.precision}'")
+    if not score.levels or any(not 0.0 < level <= 1.0 for level in score.levels):
+        raise LabConfigError(f"{where}: score.levels must be shares of the common skill in (0, 1]")
+
+
+def _contrasts(data: Any, where: str) -> list[Contrast]:
+    if not isinstance(data, list):
+        raise LabConfigError(f"{where}: 'contrasts' must be a list of {{name, a, b, question}}")
+    out = []
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict) or set(entry) != {"name", "a", "b", "question"}:
+            raise LabConfigError(f"{where}: contrasts[{i}] must have exactly the keys name, a, b, question")
+        out.append(Contrast(**{k: str(v) for k, v in entry.items()}))
+    return out
 
 
 def load_config(path: Path | None = None, profile: str | None = None) -> LabConfig:
@@ -161,8 +197,8 @@ def load_config(path: Path | None = None, profile: str | None = None) -> LabConf
         raise LabConfigError(f"{where}: missing key '{missing[0]}'")
     config = LabConfig(model=str(data["model"]), seed=int(data["seed"]),
                        mix=_section(data, "mix", MixConfig, where), train=dict(data["train"] or {}),
-                       variants=dict(data["variants"] or {}), sequential=list(data["sequential"] or []),
-                       eval=_section(data, "eval", EvalConfig, where),
+                       variants=dict(data["variants"] or {}), contrasts=_contrasts(data["contrasts"], where),
+                       score=_section(data, "score", ScoreConfig, where),
                        keep_full_weights=bool(data["keep_full_weights"]), sources=sources)
     _check(config, where)
     return config

@@ -6,9 +6,8 @@ example asked in ``templates`` phrasings (the paper's augmentation by instructio
 knowledge the lab measures afterwards is the relations' test splits, which share no fact with
 these records (the split is by fact) and are further filtered for overlap with the largest mix.
 
-Sizes are nested: the mix at size ``s`` is the first ``round(unit * s)`` records of one fixed,
-seeded order (facts and task kinds interleaved), so a larger mix holds every smaller one and a
-difference between sizes is the extra data, not a different draw.
+The mix is the first ``records`` of one fixed, seeded order (facts and task kinds interleaved), so a
+larger mix holds every smaller one; the points along a run's training take the place of data sizes.
 """
 
 from __future__ import annotations
@@ -25,19 +24,10 @@ from loramoe.suites import load_benchmark, to_training_records
 
 @dataclass
 class Mix:
-    sizes: dict[str, Path]
-    """Size label (``4x``) -> its JSONL file."""
-    largest: str
-    task_part: Path
-    """The largest mix's task records alone (first stage of the sequential variant)."""
-    knowledge_part: Path
-    """The largest mix's knowledge records alone (second stage)."""
-    counts: dict[str, dict[str, int]]
-    """Size label -> records per type."""
-
-
-def size_label(size: float) -> str:
-    return f"{size:g}x"
+    path: Path
+    """The mix's JSONL file."""
+    counts: dict[str, int]
+    """Records per type, and ``total``."""
 
 
 def _interleave(pools: list[list[list[dict]]], rng: random.Random) -> list[dict]:
@@ -71,31 +61,20 @@ def _write(path: Path, records: list[dict]) -> Path:
 
 
 def build_mix(config: MixConfig, folder: Path, seed: int = 0) -> Mix:
-    """Writes ``size-<label>.jsonl`` per size (and the largest mix's two parts) into ``folder``."""
+    """Writes ``mix.jsonl`` into ``folder``."""
     rng = random.Random(seed)
-    ordered = {kind: _interleave(_pools(config, kind, seed), rng) for kind in ("knowledge", "task")}
-    largest = max(config.sizes)
-    need_knowledge = round(round(config.unit * largest) * config.knowledge_share)
-    need_task = round(config.unit * largest) - need_knowledge
-    for kind, need in (("knowledge", need_knowledge), ("task", need_task)):
-        if need > len(ordered[kind]):
-            raise ValueError(f"mix: the largest size needs {need} {kind} records but the built-in data gives "
-                             f"{len(ordered[kind])} with these settings; lower mix.unit or mix.sizes, or raise "
+    ordered = {kind: _interleave(_pools(config, kind, seed), rng) if names else []
+               for kind, names in (("knowledge", config.knowledge), ("task", config.tasks))}
+    need = {"knowledge": round(config.records * config.knowledge_share)}
+    need["task"] = config.records - need["knowledge"]
+    for kind, count in need.items():
+        if count > len(ordered[kind]):
+            raise ValueError(f"mix: {config.records} records need {count} {kind} records but the built-in data "
+                             f"gives {len(ordered[kind])} with these settings; lower mix.records, or raise "
                              f"mix.templates or mix.max_context_chars")
+    records = _interleave_types(ordered["knowledge"][:need["knowledge"]], ordered["task"][:need["task"]])
     folder.mkdir(parents=True, exist_ok=True)
-    sizes, counts = {}, {}
-    for size in sorted(config.sizes):
-        total = round(config.unit * size)
-        k = round(total * config.knowledge_share)
-        records = _interleave_types(ordered["knowledge"][:k], ordered["task"][:total - k])
-        label = size_label(size)
-        sizes[label] = _write(folder / f"size-{label}.jsonl", records)
-        counts[label] = {"knowledge": k, "task": total - k, "total": total}
-    label = size_label(largest)
-    k = counts[label]["knowledge"]
-    return Mix(sizes=sizes, largest=label, counts=counts,
-               task_part=_write(folder / f"size-{label}-task.jsonl", ordered["task"][:counts[label]["task"]]),
-               knowledge_part=_write(folder / f"size-{label}-knowledge.jsonl", ordered["knowledge"][:k]))
+    return Mix(_write(folder / "mix.jsonl", records), {**need, "total": config.records})
 
 
 def _interleave_types(knowledge: list[dict], task: list[dict]) -> list[dict]:

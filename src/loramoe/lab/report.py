@@ -1,9 +1,9 @@
 """The lab's report from ``results.json`` alone: ``report.md`` with PNG figures beside it, and
 ``report.html``, the same report with the figures embedded (one file to mail around).
 
-Figures: knowledge accuracy and task score against data size per variant (the paper's Figure 1 in
-small), the knowledge/skill trade-off, the LoRAMoE router's gate share per expert by sample type,
-and parameter drift against data size. Plots with matplotlib, HTML with python-markdown.
+Figures: each arm's path in the knowledge-skill plane (both knowledge measures, seeds drawn thin,
+the equal-skill levels dotted), and the LoRAMoE routers' own-group share per layer. Plots with
+matplotlib, HTML with python-markdown.
 """
 
 from __future__ import annotations
@@ -48,124 +48,195 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def _by_variant(rows: list[dict]) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for row in rows:
-        if not row["sequential"]:
-            out.setdefault(row["variant"], []).append(row)
-    return {k: sorted(v, key=lambda r: r["factor"]) for k, v in out.items()}
+UNITS = {"gold_logprob": ("gold log-probability", "nats", 3), "mc": ("multiple choice", "points", 1),
+         "skill": ("task skill", "nats", 3)}
 
 
-def _against_size(results: dict, key: str, base_key: str | None, ylabel: str, title: str, path: Path) -> str:
+def ci(result: dict[str, Any], digits: int) -> str:
+    """``+0.123 [-0.010, +0.250]``: an estimate and its 95 % interval."""
+    if result["low"] is None:
+        return f"{signed(result['estimate'], digits)} [n/a]"
+    return f"{signed(result['estimate'], digits)} [{signed(result['low'], digits)}, {signed(result['high'], digits)}]"
+
+
+def _trajectories(results: dict, path: Path) -> str:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-    for variant, rows in _by_variant(results["runs"]).items():
-        line, = ax.plot([r["factor"] for r in rows], [r[key] for r in rows], marker="o", label=variant)
-        for seq in (r for r in results["runs"] if r["sequential"] and r["variant"] == variant):
-            ax.plot([seq["factor"]], [seq[key]], marker="*", markersize=12, color=line.get_color(), linestyle="",
-                    label=f"{variant} sequential")
-    if base_key:
-        ax.axhline(results["base"][base_key], color="black", linestyle="--", linewidth=1, label="base model")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("instruction data (x the smallest mix)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def _tradeoff(results: dict, path: Path) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4.5), layout="constrained")
-    for variant, rows in _by_variant(results["runs"]).items():
-        ax.scatter([r["knowledge"] for r in rows], [r["task_score"] for r in rows],
-                   s=[30 + 20 * r["factor"] ** 0.5 for r in rows], label=variant, alpha=0.8)
-    seq = [r for r in results["runs"] if r["sequential"]]
-    if seq:
-        ax.scatter([r["knowledge"] for r in seq], [r["task_score"] for r in seq], marker="*", s=140,
-                   color="grey", label="sequential")
-    ax.scatter([results["base"]["knowledge"]], [results["base"]["task_score"]], marker="X", s=120, color="black",
-               label="base model")
-    ax.set_xlabel("knowledge accuracy on held-out facts (%)")
-    ax.set_ylabel("task score (%)")
-    ax.set_title("knowledge against skill (marker size: data size)", fontsize=10)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), layout="constrained")
+    for ax, measure in zip(axes, ("gold_logprob", "mc")):
+        label, unit, _ = UNITS[measure]
+        for name, arm in results["arms"].items():
+            p = arm["path"]
+            line, = ax.plot(p["skill"], p[measure], marker="o", label=f"{name} ({len(arm['seeds'])} seeds)")
+            if len(p["per_seed"]) > 1:
+                for seed in p["per_seed"].values():
+                    ax.plot(seed["skill"], seed[measure], color=line.get_color(), alpha=0.3, linewidth=0.8)
+        for level in results["levels"]:
+            ax.axvline(level, color="grey", linestyle=":", linewidth=1)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xlabel("task skill: base task loss minus the model's (nats per token)")
+        ax.set_ylabel(f"{label}: change against the base ({unit})")
+        ax.set_title(f"{label} along training (dotted: equal-skill levels)", fontsize=10)
+    axes[0].legend(fontsize=7)
     return _save(fig, path)
 
 
 def _router(results: dict, path: Path) -> str | None:
-    runs = [r for r in results["runs"] if "router_experts" in r and not r["sequential"]]
-    if not runs:
+    routed = {name: arm["router"] for name, arm in results["arms"].items() if "router" in arm}
+    if not routed:
         return None
-    largest = max(r["factor"] for r in runs)
-    runs = [r for r in runs if r["factor"] == largest]
     plt = _plt()
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 2.8), squeeze=False, layout="constrained")
-    for ax, run in zip(axes[0], runs):
-        kinds = list(run["router_experts"])
-        grid = [run["router_experts"][k] for k in kinds]
-        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
-        ax.set_yticks(range(len(kinds)), [f"{k} items" for k in kinds])
-        ax.set_xticks(range(len(grid[0])))
-        ax.set_xlabel("expert")
-        edge = 0
-        for size in list(run["groups"].values())[:-1]:
-            edge += size
-            ax.axvline(edge - 0.5, color="white", linewidth=2)
-        ax.set_title(f"{run['name']}: groups " + ", ".join(f"{g} {n}" for g, n in run["groups"].items()), fontsize=9)
-        fig.colorbar(image, ax=ax, shrink=0.8, label="gate share")
+    fig, axes = plt.subplots(1, len(routed), figsize=(4.5 * len(routed), 3.4), squeeze=False, layout="constrained")
+    for ax, (name, router) in zip(axes[0], routed.items()):
+        for kind, per_group in router["final_per_layer"].items():
+            ax.plot(range(len(per_group[kind])), per_group[kind], marker=".", label=f"{kind} items to the {kind} group")
+        uniform = next(iter(router["uniform_share"].values()))
+        ax.axhline(uniform, color="grey", linestyle=":", linewidth=1, label="no preference")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("gate share to its own group")
+        ax.set_title(f"{name}, end of run", fontsize=9)
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 
 def figures(results: dict, folder: Path) -> dict[str, str]:
-    out = {
-        "knowledge": _against_size(results, "knowledge", "knowledge", "knowledge accuracy (%)",
-                                   "closed-book QA on held-out facts", folder / "knowledge_vs_size.png"),
-        "tasks": _against_size(results, "task_score", "task_score", "task score (%)", "downstream tasks",
-                               folder / "tasks_vs_size.png"),
-        "tradeoff": _tradeoff(results, folder / "tradeoff.png"),
-        "drift": _against_size(results, "drift", None, "mean relative drift ||dW|| / ||W0||",
-                               "parameter drift of the adapted (full: all linear) layers", folder / "drift_vs_size.png"),
-    }
-    router = _router(results, folder / "router_by_type.png")
+    out = {"trajectories": _trajectories(results, folder / "trajectories.png")}
+    router = _router(results, folder / "router_by_layer.png")
     if router:
         out["router"] = router
     return out
 
 
+def _verdict_words(verdict: str, a: str, b: str, measure: str) -> str:
+    if verdict == "higher":
+        return f"{a} keeps more ({UNITS[measure][0]})"
+    if verdict == "lower":
+        return f"{a} keeps less ({UNITS[measure][0]})"
+    return verdict
+
+
 def paragraph(results: dict) -> str:
-    f = results["findings"]
-    size, stderr = f["largest_size"], results["knowledge_stderr"]
-    parts = [f"At the largest mix ({size}), the base model answers {fmt(f['base_knowledge'])} % of the held-out "
-             f"fact questions (standard error about {fmt(stderr)} points, so smaller differences are noise)."]
-    if f.get("full"):
-        verb = "lost" if f["full"]["knowledge_change"] < 0 else "did not lose"
-        parts.append(f"Full fine-tuning {verb} knowledge: {signed(f['full']['knowledge_change'])} points, while its "
-                     f"task score moved {signed(f['full']['task_change'])} points and its predictions drifted from "
-                     f"the base model's by a KL of {fmt(f['full']['kl_to_base'], 3)} nats per token on general text.")
-    most = f["most_knowledge"]
-    parts.append(f"{most['variant']} kept the most knowledge ({fmt(most['knowledge'])} %, "
-                 f"{signed(most['change'])} points against the base); {f['least_knowledge']['variant']} the least "
-                 f"({fmt(f['least_knowledge']['knowledge'])} %). {f['best_tasks']['variant']} gained the most task "
-                 f"skill ({signed(f['best_tasks']['change'])} points).")
-    if "loramoe_lbc_vs_full" in f:
-        gap = f["loramoe_lbc_vs_full"]
-        parts.append(f"LoRAMoE with the balancing constraint ({gap['variant']}) against full fine-tuning: "
-                     f"knowledge {signed(gap['knowledge_gap'])} points, task score {signed(gap['task_gap'])} points.")
-    return " ".join(parts)
+    """The verdict, computed from the numbers: the regime, then every named contrast."""
+    parts = []
+    regime = results.get("regime")
+    if regime:
+        forgets = [m for m, yes in regime["forgets"].items() if yes]
+        parts.append(f"Full fine-tuning ({regime['arm']}) at the end of its run changed the gold answers' "
+                     f"log-probability by {ci(regime['gold_logprob'], 3)} nats and multiple choice by "
+                     f"{ci(regime['mc'], 1)} points ({fmt(results['constants']['interval_percent'])} % intervals): "
+                     + ("it forgets facts here, so the contrasts below are measured where forgetting happens."
+                        if forgets else "its loss is not outside its interval, so this setting does not reach "
+                        "the regime where fine-tuning forgets facts; read the contrasts below with that in mind."))
+    for c in results["contrasts"]:
+        said = "; ".join(f"{UNITS[m][0]} {ci(c[m], UNITS[m][2])} {UNITS[m][1]}: "
+                         f"{_verdict_words(c[m]['verdict'], c['a'], c['b'], m)}" for m in ("gold_logprob", "mc"))
+        parts.append(f"**{c['name']}** ({c['a']} minus {c['b']}, at a task skill of {fmt(c['at_skill'], 3)} nats): "
+                     f"{said}.")
+    d = results["detectable"]
+    parts.append(f"With {fmt(results['probe']['facts'])} facts and {fmt(results['probe']['task_items'])} task items, "
+                 f"differences smaller than about {fmt(d['gold_logprob'], 3)} nats of log-probability or "
+                 f"{fmt(d['mc'], 1)} points of multiple choice would go undetected here "
+                 f"({fmt(results['constants']['detectable_stderrs'], 1)} standard errors of the median contrast).")
+    return "\n\n".join(parts)
 
 
-def _main_table(results: dict) -> list[str]:
-    lines = ["| run | records | knowledge % | vs base | lost / gained | task score % | vs base | LM loss | "
-             "KL to base | drift | trainable parameters | train s |", "|" + " --- |" * 12]
-    b = results["base"]
-    lines.append(f"| base model | 0 | {fmt(b['knowledge'])} | | | {fmt(b['task_score'])} | | {fmt(b['lm_loss'], 3)} "
-                 f"| | | | |")
-    for r in results["runs"]:
-        lines.append(f"| {r['name']} | {fmt(r['records'])} | {fmt(r['knowledge'])} | {signed(r['knowledge_change'])} | "
-                     f"{fmt(r['knowledge_lost'])} / {fmt(r['knowledge_gained'])} | {fmt(r['task_score'])} | "
-                     f"{signed(r['task_change'])} | {fmt(r['lm_loss'], 3)} | {fmt(r['kl_to_base'], 4)} | "
-                     f"{fmt(r['drift'], 4)} | {fmt(r['trainable_parameters'])} | {fmt(r['train_seconds'])} |")
+def _design(results: dict) -> list[str]:
+    lines = ["## Design", "", ("Contrasts, named before the numbers: each is arm a minus arm b in knowledge at "
+             "equal task skill."), "", "| contrast | a | b | question |", "| --- | --- | --- | --- |"]
+    lines += [f"| {c['name']} | {c['a']} | {c['b']} | {c['question']} |" for c in results["contrasts"]]
+    lines += ["", "| arm | method | lr | seeds | scored at steps | trainable parameters | train s per run |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, arm in results["arms"].items():
+        lines.append(f"| {name} | {arm['method']} | {fmt(arm['lr'], 4)} | {' / '.join(map(fmt, arm['seeds']))} | "
+                     f"{' / '.join(map(fmt, arm['path']['steps']))} | {fmt(arm['trainable_parameters'])} | "
+                     f"{fmt(arm['train_seconds'])} |")
+    p, m = results["probe"], results["mix"]
+    lines += ["", (f"The mix: {fmt(m['total'])} records, {fmt(m['knowledge'])} of them knowledge QA. The probe: "
+              f"{fmt(p['facts'])} held-out facts ({'; '.join(f'{r} {fmt(n)}' for r, n in p['facts_per_relation'].items())}: "
+              f"{fmt(p['removed_by_overlap'])} removed as given away by the mix), each a statement to complete and a "
+              f"choice among {fmt(p['choices'])} answers of its relation; {fmt(p['task_items'])} task items "
+              f"({'; '.join(f'{t} {fmt(n)}' for t, n in p['task_items_per_task'].items())}); {fmt(p['chat_items'])} "
+              f"facts asked in chat and {fmt(p['generation_items'])} task items answered freely at the end. The "
+              f"base model: multiple choice {fmt(results['base']['mc'])} %, mean gold log-probability "
+              f"{fmt(results['base']['gold_logprob'], 3)} nats, task loss {fmt(results['base']['task_loss'], 3)} nats.")]
+    return lines
+
+
+def _equal_skill(results: dict) -> list[str]:
+    lines = ["## Knowledge at equal task skill", "",
+             (f"Levels: {', '.join(fmt(s, 3) for s in results['level_shares'])} of the highest skill every arm "
+             f"reaches ({fmt(results['common_skill'], 3)} nats), i.e. "
+             f"{', '.join(fmt(s, 3) for s in results['levels'])} nats. Each cell: estimate "
+             f"[{fmt(results['constants']['interval_percent'])} % interval]."), "",
+             "| contrast | skill (nats) | gold log-probability (nats) | multiple choice (points) |",
+             "| --- | --- | --- | --- |"]
+    eq = results["equal_skill"]
+    for c in results["contrasts"]:
+        key = f"{c['a']} vs {c['b']}"
+        for i, level in enumerate(results["levels"]):
+            lines.append(f"| {c['name']} | {fmt(level, 3)} | {ci(eq['gold_logprob'][i]['contrasts'][key], 3)} | "
+                         f"{ci(eq['mc'][i]['contrasts'][key], 1)} |")
+    lines += ["", "Each arm's change against the base model at those levels:", "",
+              "| arm | skill (nats) | gold log-probability (nats) | multiple choice (points) |",
+              "| --- | --- | --- | --- |"]
+    for name in results["arms"]:
+        for i, level in enumerate(results["levels"]):
+            lines.append(f"| {name} | {fmt(level, 3)} | {ci(eq['gold_logprob'][i]['arms'][name], 3)} | "
+                         f"{ci(eq['mc'][i]['arms'][name], 1)} |")
+    return lines
+
+
+def _ends(results: dict) -> list[str]:
+    lines = ["## At the end of each run", "", ("Changes against the base model, paired by item, seeds pooled "
+             f"(estimate [{fmt(results['constants']['interval_percent'])} % interval])."), "",
+             ("| arm | task skill (nats) | gold log-probability (nats) | multiple choice (points) | "
+             "chat answers right (points) | task answers, main metric (points) |"), "| --- | --- | --- | --- | --- | --- |"]
+    for name, arm in results["arms"].items():
+        e = arm["end"]
+        lines.append(f"| {name} | {ci(e['skill'], 3)} | {ci(e['gold_logprob'], 3)} | {ci(e['mc'], 1)} | "
+                     f"{ci(arm['chat']['change'], 1)} | {ci(arm['generation']['change'], 1)} |")
+    lines += ["", "### What a user sees: chat answers to the held-out facts", "",
+              (f"A change of answer format (a sentence of {fmt(results['constants']['sentence_words'])} words or more "
+              "against a short answer) is counted apart "
+              "from facts lost; a fact lost in chat that multiple choice still gets right was lost to format, "
+              "not forgotten."), "",
+              ("| arm | right (%) | base right (%) | format changed (%) | facts lost | of them, format changed | "
+              "of them, multiple choice still right | facts gained |"), "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, arm in results["arms"].items():
+        c = arm["chat"]
+        lines.append(f"| {name} | {fmt(c['accuracy'])} | {fmt(c['base_accuracy'])} | {fmt(c['format_changed'])} | "
+                     f"{fmt(c['lost'])} | {fmt(c['lost_with_format_change'])} | {fmt(c['lost_but_probe_right'])} | "
+                     f"{fmt(c['gained'])} |")
+    relations = list(results["base"]["per_relation_mc"])
+    lines += ["", "### Multiple choice per relation at the end (%)", "", "| model | " + " | ".join(relations) + " |",
+              "|" + " --- |" * (1 + len(relations)), "| base model | " +
+              " | ".join(fmt(v) for v in results["base"]["per_relation_mc"].values()) + " |"]
+    lines += [f"| {name} | " + " | ".join(fmt(arm["per_relation_mc"][r]) for r in relations) + " |"
+              for name, arm in results["arms"].items()]
+    return lines
+
+
+def _routers(results: dict) -> list[str]:
+    routed = {name: arm["router"] for name, arm in results["arms"].items() if "router" in arm}
+    if not routed:
+        return []
+    lines = ["## Router: does any specialisation happen?", "",
+             ("The gate share each type of item (held-out fact statements, task prompts) sends to its own expert "
+             "group, averaged over layers and seeds, at each scored step; with no preference it equals the group's "
+             "share of the experts. The localized balancing constraint's optimum is half of one minus delta of the mass on "
+             "a sample's own group (0.450 at delta 0.1), slightly *against* specialisation; the routing objective's "
+             "is its target."), "", "| arm | step | knowledge items to knowledge group | task items to task group |",
+             "| --- | --- | --- | --- |"]
+    for name, router in routed.items():
+        own = router["own_group_share"]
+        for i, step in enumerate(router["steps"]):
+            lines.append(f"| {name} | {fmt(step)} | {fmt(own.get('knowledge', [None] * (i + 1))[i], 3)} | "
+                         f"{fmt(own.get('task', [None] * (i + 1))[i], 3)} |")
+    lines += ["", "By depth at the end (early / middle / late thirds of the layers):", "",
+              "| arm | knowledge items to knowledge group | task items to task group |", "| --- | --- | --- |"]
+    for name, router in routed.items():
+        depth = router["own_share_by_depth"]
+        lines.append(f"| {name} | " + " | ".join(" / ".join(fmt(v, 3) for v in depth.get(k, []))
+                                                  for k in ("knowledge", "task")) + " |")
     return lines
 
 
@@ -173,32 +244,15 @@ def render(results: dict, folder: Path) -> tuple[Path, Path]:
     """Writes the figures, report.md and report.html into ``folder``."""
     images = figures(results, folder)
     lab = results["lab"]
-    lines = [f"# loramoe lab: knowledge forgetting on {lab['model']}", "",
+    lines = [f"# loramoe lab: does a method keep world knowledge at equal task skill? ({lab['model']})", "",
              paragraph(results), "",
-             f"Settings: {', '.join(lab['sources'])}; {fmt(lab['runs'])} runs in {fmt(lab['seconds'])} s "
-             f"(cached runs count the time they took when they ran). Every number here is in results.json.", "",
-             "## Results", ""] + _main_table(results)
-    lines += ["", "## Figures", ""] + [f"![{name}]({png})" for name, png in images.items()]
-    lines += ["", "## Knowledge per relation (%)", "",
-              "| run | " + " | ".join(results["base"]["knowledge_per_relation"]) + " |",
-              "|" + " --- |" * (1 + len(results["base"]["knowledge_per_relation"]))]
-    for name, per in [("base model", results["base"]["knowledge_per_relation"])] + \
-            [(r["name"], r["knowledge_per_relation"]) for r in results["runs"]]:
-        lines.append(f"| {name} | " + " | ".join(fmt(v) for v in per.values()) + " |")
-    lines += ["", "## Task scores (%)", "", "| run | " + " | ".join(results["base"]["tasks"]) + " |",
-              "|" + " --- |" * (1 + len(results["base"]["tasks"]))]
-    for name, per in [("base model", results["base"]["tasks"])] + [(r["name"], r["tasks"]) for r in results["runs"]]:
-        lines.append(f"| {name} | " + " | ".join(fmt(v) for v in per.values()) + " |")
-    routed = [r for r in results["runs"] if "router" in r]
-    if routed:
-        groups = list(routed[0]["router"]["knowledge"])
-        lines += ["", "## Router: gate share per expert group by sample type", "",
-                  "| run | items | " + " | ".join(groups) + " |", "|" + " --- |" * (2 + len(groups))]
-        for r in routed:
-            for kind, shares in r["router"].items():
-                lines.append(f"| {r['name']} | {kind} | " + " | ".join(fmt(shares[g], 3) for g in groups) + " |")
-    lines += ["", "## Mix", "", "| size | knowledge records | task records |", "| --- | --- | --- |"]
-    lines += [f"| {size} | {fmt(c['knowledge'])} | {fmt(c['task'])} |" for size, c in results["mix"].items()]
+             (f"Settings: {', '.join(lab['sources'])}; {fmt(lab['runs'])} runs in {fmt(lab['seconds'])} s "
+             f"(cached runs count the time they took when they ran). Every number here is in results.json."), ""]
+    lines += _design(results)
+    lines += ["", "## Paths in the knowledge-skill plane", "", f"![trajectories]({images['trajectories']})", ""]
+    lines += _equal_skill(results) + [""] + _ends(results) + [""] + _routers(results)
+    if "router" in images:
+        lines += ["", f"![router]({images['router']})"]
     text = "\n".join(lines) + "\n"
     md_path, html_path = folder / "report.md", folder / "report.html"
     atomic_write_text(md_path, text)

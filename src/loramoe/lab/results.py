@@ -1,123 +1,203 @@
-"""From the runs' ``eval.json`` files to the lab's numbers: one row per scored model, the base
-model's row, and the comparisons the report states in words. Everything the report shows is in
-``results.json``, and the report reads nothing else.
+"""From the runs' scored points to ``results.json``: every number the report prints, and nothing the
+report computes on its own.
 
-Scores are percentages. Knowledge: the share of held-out fact questions whose answer (any alias)
-the model's reply contains, pooled over the relations. Task score: the mean over task benchmarks
-of each one's main metric (``MAIN``).
+Measures (per item, so every comparison is paired by item):
+
+- ``gold_logprob``: log p(gold answer | statement) in nats; its change against the base model.
+- ``mc``: multiple choice among the gold answer and its distractors, right (100) or wrong (0): the
+  mean is an accuracy in percent.
+- skill: the base model's task loss minus the model's (nats per token of the reference answers).
+
+The headline is knowledge at equal skill (:func:`loramoe.lab.stats.equal_skill`) at the levels
+``score.levels`` of the highest skill every arm reaches, for each named contrast; the verdict of a
+contrast is "higher", "lower" or "no detectable difference" from its 95 % interval alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
+from loramoe.lab.config import LabConfig
+from loramoe.lab.probe import Probe
+from loramoe.lab.stats import (
+    ArmData,
+    Draws,
+    common_skill,
+    end_change,
+    equal_skill,
+    verdict,
+)
+from loramoe.metrics import contains_answer, per_item
+
+MEASURES = ("gold_logprob", "mc")
 MAIN = {"qa": "contains", "rouge": "rougeL", "translation": "chrf", "accuracy": "accuracy"}
+"""Each task metric's main per-item score."""
+SENTENCE_WORDS = 4
+"""An answer of at least this many words is a sentence ("The capital of Peru is Lima."), else short."""
+DETECTABLE_STDERRS = 2.8
+"""A difference of this many standard errors is found by a two-sided 5 % test with 80 % power."""
 
 
-def _pooled_knowledge(benchmarks: dict[str, Any], key: str = "items") -> tuple[float, int, dict[str, float]]:
-    correct = total = 0
-    per_relation = {}
-    for name, entry in benchmarks.items():
-        if entry["type"] != "knowledge":
-            continue
-        items = entry[key]
-        hits = sum(1 for item in items if item["contains"] > 0)
-        correct, total = correct + hits, total + len(items)
-        per_relation[name.split("/", 1)[1]] = 100.0 * hits / max(len(items), 1)
-    return 100.0 * correct / max(total, 1), total, per_relation
+def _knowledge(point: dict[str, Any]) -> dict[str, np.ndarray]:
+    choices = point["choices"]
+    return {"gold_logprob": np.array([c[0] for c in choices]),
+            "mc": np.array([100.0 if c[0] > max(c[1:]) else 0.0 for c in choices])}
 
 
-def _tasks(benchmarks: dict[str, Any]) -> dict[str, float]:
-    return {name.split("/", 1)[1]: entry["scores"][MAIN[entry["metric"]]]
-            for name, entry in benchmarks.items() if entry["type"] == "task"}
+def arm_data(base: dict[str, Any], seeds: Sequence[list[dict[str, Any]]]) -> ArmData:
+    """One arm's per-item arrays, the base point first in every seed's path."""
+    paths = [[base, *points] for points in seeds]
+    steps = [p["step"] for p in paths[0]]
+    if any([p["step"] for p in path] != steps for path in paths):
+        raise ValueError("the seeds of one arm were scored at different steps")
+    knowledge = {m: np.stack([np.stack([_knowledge(p)[m] for p in path]) for path in paths]) for m in MEASURES}
+    loss = np.stack([np.stack([np.array(p["task_loss"]) for p in path]) for path in paths])
+    return ArmData(steps, knowledge, loss)
 
 
-def _text(benchmarks: dict[str, Any]) -> dict[str, Any]:
-    return next(entry for entry in benchmarks.values() if entry["metric"] == "lm_loss")
+def _chat(probe: Probe, base: dict[str, Any], finals: list[dict[str, Any]], draws: Draws, name: str) -> dict[str, Any]:
+    """What a user sees: greedy chat answers to the chat subset, facts lost apart from format."""
+    facts = [probe.facts[i] for i in probe.chat]
+    right = np.array([[100.0 * contains_answer(a, f.aliases) for a, f in zip(p["chat"], facts)] for p in finals])
+    base_right = np.array([100.0 * contains_answer(a, f.aliases) for a, f in zip(base["chat"], facts)])
+    base_long = [len(a.split()) >= SENTENCE_WORDS for a in base["chat"]]
+    lost = changed = lost_changed = lost_probe_right = gained = 0
+    for point, hits in zip(finals, right):
+        probe_right = _knowledge(point)["mc"][probe.chat] > 0
+        for j, answer in enumerate(point["chat"]):
+            format_changed = (len(answer.split()) >= SENTENCE_WORDS) != base_long[j]
+            changed += format_changed
+            if base_right[j] and not hits[j]:
+                lost += 1
+                lost_changed += format_changed
+                lost_probe_right += bool(probe_right[j])
+            gained += bool(hits[j] and not base_right[j])
+    answers = right.size
+    return {"accuracy": float(right.mean()), "base_accuracy": float(base_right.mean()),
+            "change": end_change(name, right, base_right, draws.facts, draws),
+            "answers": answers, "format_changed": 100.0 * changed / answers, "lost": lost, "gained": gained,
+            "lost_with_format_change": lost_changed, "lost_but_probe_right": lost_probe_right,
+            "base_sentence_answers": 100.0 * sum(base_long) / len(base_long)}
 
 
-def base_row(evaluation: dict[str, Any]) -> dict[str, Any]:
-    benchmarks = evaluation["benchmarks"]
-    knowledge, questions, per_relation = _pooled_knowledge(benchmarks)
-    tasks = _tasks(benchmarks)
-    return {"knowledge": knowledge, "knowledge_questions": questions, "knowledge_per_relation": per_relation,
-            "task_score": sum(tasks.values()) / len(tasks), "tasks": tasks,
-            "lm_loss": _text(benchmarks)["scores"]["cross_entropy"]}
+def _generation_scores(probe: Probe, answers: list[str]) -> np.ndarray:
+    items = [probe.tasks[i] for i in probe.generation]
+    return np.array([per_item(t.metric, a, t.example)[MAIN[t.metric]] for t, a in zip(items, answers)])
 
 
-def run_row(record: dict[str, Any], evaluation: dict[str, Any], base: dict[str, Any],
-            router: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A scored run's row, from its ``lab_run.json`` record, its ``eval.json`` and, for LoRAMoE,
-    its ``router.json`` (gate share per expert)."""
-    benchmarks = evaluation["benchmarks"]
-    knowledge, questions, per_relation = _pooled_knowledge(benchmarks)
-    lost = sum(len(e["change"]["lost"]) for e in benchmarks.values() if e["type"] == "knowledge")
-    gained = sum(len(e["change"]["gained"]) for e in benchmarks.values() if e["type"] == "knowledge")
-    tasks = _tasks(benchmarks)
-    text = _text(benchmarks)
-    shift = text.get("forgetting", {})
-    train = record["train"]
-    row = {
-        "name": record["name"], "variant": record["variant"], "method": record["method"], "size": record["size"],
-        "factor": float(record["size"].rstrip("x")), "records": record["records"], "sequential": record["sequential"],
-        "knowledge": knowledge, "knowledge_change": knowledge - base["knowledge"], "knowledge_questions": questions,
-        "knowledge_lost": lost, "knowledge_gained": gained, "knowledge_per_relation": per_relation,
-        "task_score": sum(tasks.values()) / len(tasks), "tasks": tasks,
-        "lm_loss": text["scores"]["cross_entropy"], "kl_to_base": shift.get("kl"),
-        "drift": evaluation.get("drift", {}).get("mean"),
-        "trainable_parameters": train["trainable_parameters"], "train_steps": train["steps"],
-        "train_loss": train["train_loss"], "train_seconds": record["train_seconds"], "run_seconds": record["seconds"],
-        "folder": record["folder"],
+def _router(points_by_seed: list[list[dict[str, Any]]], groups: list[str]) -> dict[str, Any] | None:
+    """Gate share per item type to its own group, along the run and by depth at its end."""
+    if "router" not in points_by_seed[0][-1]:
+        return None
+    own = [t for t in ("knowledge", "task") if t in groups]
+    steps = [p["step"] for p in points_by_seed[0]]
+    along = {t: [float(np.mean([np.mean(seed[i]["router"][t][t]) for seed in points_by_seed]))
+                 for i in range(len(steps))] for t in own}
+    per_layer = {t: {g: np.mean([seed[-1]["router"][t][g] for seed in points_by_seed], axis=0).tolist()
+                     for g in groups} for t in own}
+    depth = {t: [float(np.mean(part)) for part in np.array_split(np.array(per_layer[t][t]), min(3, len(per_layer[t][t])))]
+             for t in own}
+    return {"steps": steps, "own_group_share": along, "own_share_by_depth": depth, "final_per_layer": per_layer,
+            "uniform_share": {g: 1.0 / len(groups) for g in groups}}
+
+
+def build(config: LabConfig, probe: Probe, base: dict[str, Any], records: list[dict[str, Any]],
+          points: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """``results.json`` but its ``lab`` header, from the base point, the runs' ``lab_run.json``
+    records and their points (by run name)."""
+    by_arm: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        by_arm.setdefault(record["variant"], []).append(record)
+    arms = {name: arm_data(base, [points[r["name"]] for r in rs]) for name, rs in by_arm.items()}
+    n_facts, n_tasks = len(probe.facts), len(probe.tasks)
+    draws = Draws.make(n_facts, n_tasks, config.score.bootstrap, config.seed)
+    small = Draws.make(max(len(probe.chat), 1), max(len(probe.generation), 1), config.score.bootstrap, config.seed + 1)
+    top = common_skill(arms)
+    levels = [share * top for share in config.score.levels]
+    contrasts = [(c.a, c.b) for c in config.contrasts]
+    equal = equal_skill(arms, contrasts, list(MEASURES), levels, draws)
+    base_know = _knowledge(base)
+    base_generation = _generation_scores(probe, base["generation"])
+    out_arms = {}
+    for name, rs in by_arm.items():
+        arm, finals = arms[name], [points[r["name"]][-1] for r in rs]
+        skill_paths = arm.task_loss[:, :1].mean(-1) - arm.task_loss.mean(-1)  # (seeds, points)
+        path = {"steps": arm.steps, "skill": skill_paths.mean(0).tolist(),
+                **{m: (arm.knowledge[m].mean(-1) - arm.knowledge[m][:, :1].mean(-1)).mean(0).tolist() for m in MEASURES},
+                "per_seed": {str(r["seed"]): {"skill": skill_paths[i].tolist(),
+                                              **{m: (arm.knowledge[m][i].mean(-1) - arm.knowledge[m][i, 0].mean()).tolist()
+                                                 for m in MEASURES}} for i, r in enumerate(rs)}}
+        end = {m: end_change(name, arm.knowledge[m][:, -1], base_know[m], draws.facts, draws) for m in MEASURES}
+        end["skill"] = end_change(name, -arm.task_loss[:, -1], -np.array(base["task_loss"]), draws.tasks, draws)
+        generation = np.stack([_generation_scores(probe, f["generation"]) for f in finals])
+        settings = config.variants[name]
+        groups = list((rs[0]["train"].get("adapter") or {}).get("groups") or {})
+        out_arms[name] = {
+            "method": settings["method"], "lr": settings.get("lr"), "seeds": [r["seed"] for r in rs],
+            "runs": [r["name"] for r in rs], "trainable_parameters": rs[0]["train"]["trainable_parameters"],
+            "train_seconds": float(np.mean([r["train_seconds"] for r in rs])),
+            "score_seconds": float(np.mean([r["score_seconds"] for r in rs])),
+            "path": path, "end": end,
+            "per_relation_mc": _per_relation(probe, arm.knowledge["mc"][:, -1].mean(0)),
+            "chat": _chat(probe, base, finals, small, name),
+            "generation": {"score": float(generation.mean()), "base_score": float(base_generation.mean()),
+                           "change": end_change(name, generation, base_generation, small.tasks, small)},
+        }
+        router = _router([points[r["name"]] for r in rs], groups) if groups else None
+        if router is not None:
+            out_arms[name]["router"] = router
+    headline = {m: equal[m][-1] for m in MEASURES}
+    delta = next((float(v.get("balance_delta", 0.1)) for v in config.variants.values() if v["method"] == "loramoe"), 0.1)
+    named = []
+    for c in config.contrasts:
+        key = f"{c.a} vs {c.b}"
+        named.append({"name": c.name, "a": c.a, "b": c.b, "question": c.question,
+                      "at_skill": levels[-1],
+                      **{m: {**headline[m]["contrasts"][key], "verdict": verdict(headline[m]["contrasts"][key])}
+                         for m in MEASURES}})
+    return {
+        "probe": {"facts": n_facts, "facts_per_relation": {r: sum(f.example.relation == r for f in probe.facts)
+                                                           for r in probe.relations},
+                  "removed_by_overlap": probe.removed_by_overlap, "choices": config.score.choices,
+                  "task_items": n_tasks, "task_items_per_task": {t: sum(i.task == t for i in probe.tasks)
+                                                                 for t in probe.task_names},
+                  "chat_items": len(probe.chat), "generation_items": len(probe.generation)},
+        "base": {"mc": float(base_know["mc"].mean()), "gold_logprob": float(base_know["gold_logprob"].mean()),
+                 "task_loss": float(np.mean(base["task_loss"])), "generation": float(base_generation.mean()),
+                 "per_relation_mc": _per_relation(probe, base_know["mc"])},
+        "common_skill": top, "levels": levels, "level_shares": list(config.score.levels),
+        "arms": out_arms, "equal_skill": equal, "contrasts": named,
+        "regime": _regime(out_arms),
+        "detectable": _detectable(named),
+        "constants": {"interval_percent": 95, "detectable_stderrs": DETECTABLE_STDERRS,
+                      "sentence_words": SENTENCE_WORDS, "balance_delta": delta, "lbc_optimum": (1 - delta) / 2},
     }
-    row["task_change"] = row["task_score"] - base["task_score"]
-    if "router" in evaluation:
-        row["router"] = _mean_by_type(evaluation["router"], evaluation)
-    if router is not None:
-        row["router_experts"] = _mean_by_type({name: shares["mean"] for name, shares in router["sets"].items()},
-                                              evaluation)
-        row["groups"] = router["groups"]
-    return row
 
 
-def _mean_by_type(per_benchmark: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
-    """Per sample type, the mean over its benchmarks of each benchmark's gate shares: a mapping
-    (per expert group) averaged key by key, or a list (per expert) element by element."""
-    by_type: dict[str, list[Any]] = {}
-    for name, shares in per_benchmark.items():
-        by_type.setdefault(evaluation["benchmarks"][name]["type"], []).append(shares)
-
-    def mean(rows: list[Any]) -> Any:
-        if isinstance(rows[0], dict):
-            return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
-        return [sum(column) / len(column) for column in zip(*rows)]
-
-    return {kind: mean(rows) for kind, rows in by_type.items()}
+def _per_relation(probe: Probe, mc: np.ndarray) -> dict[str, float]:
+    relations = np.array([f.example.relation for f in probe.facts])
+    return {r: float(mc[relations == r].mean()) for r in probe.relations}
 
 
-def findings(rows: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
-    """The comparisons the report's paragraph states, at the largest data size (non-sequential)."""
-    largest = max(row["factor"] for row in rows)
-    at_largest = [row for row in rows if row["factor"] == largest and not row["sequential"]]
-    kept = max(at_largest, key=lambda r: r["knowledge"])
-    worst = min(at_largest, key=lambda r: r["knowledge"])
-    skill = max(at_largest, key=lambda r: r["task_score"])
-    by_variant = {row["variant"]: row for row in at_largest}
-    out: dict[str, Any] = {
-        "largest_size": at_largest[0]["size"], "base_knowledge": base["knowledge"], "base_task_score": base["task_score"],
-        "most_knowledge": {"variant": kept["variant"], "knowledge": kept["knowledge"],
-                           "change": kept["knowledge_change"]},
-        "least_knowledge": {"variant": worst["variant"], "knowledge": worst["knowledge"],
-                            "change": worst["knowledge_change"]},
-        "best_tasks": {"variant": skill["variant"], "task_score": skill["task_score"],
-                       "change": skill["task_change"]},
-        "full_loses_knowledge": by_variant["full"]["knowledge_change"] < 0 if "full" in by_variant else None,
-    }
-    if "full" in by_variant:
-        out["full"] = {"knowledge_change": by_variant["full"]["knowledge_change"],
-                       "task_change": by_variant["full"]["task_change"], "kl_to_base": by_variant["full"]["kl_to_base"]}
-    lbc = next((r for r in at_largest if r["method"] == "loramoe" and r["variant"].endswith("lbc")), None)
-    if lbc is not None and "full" in by_variant:
-        out["loramoe_lbc_vs_full"] = {"variant": lbc["variant"],
-                                      "knowledge_gap": lbc["knowledge"] - by_variant["full"]["knowledge"],
-                                      "task_gap": lbc["task_score"] - by_variant["full"]["task_score"]}
+def _regime(arms: dict[str, Any]) -> dict[str, Any] | None:
+    """Whether full fine-tuning's format-free knowledge loss at the end lies outside its interval:
+    the lab measures in the regime where fine-tuning forgets, or says it does not."""
+    full = next((name for name, arm in arms.items() if arm["method"] == "full"), None)
+    if full is None:
+        return None
+    end = arms[full]["end"]
+    return {"arm": full, "gold_logprob": end["gold_logprob"], "mc": end["mc"],
+            "forgets": {m: verdict(end[m]) == "lower" for m in MEASURES}}
+
+
+def _detectable(contrasts: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The smallest difference the headline contrasts could detect, about 2.8 standard errors (a
+    two-sided 5 % test with 80 % power), from their median standard error."""
+    out = {}
+    for m in MEASURES:
+        errors = [c[m]["stderr"] for c in contrasts if c[m]["stderr"] is not None]
+        out[m] = float(DETECTABLE_STDERRS * np.median(errors)) if errors else None
     return out

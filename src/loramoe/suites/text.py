@@ -1,13 +1,13 @@
 """Text normalisation shared by the overlap filter and the metrics, so "the same answer" means the
 same thing when test items are filtered and when predictions are scored.
 
-``normalize_answer`` is TriviaQA's normalisation (the one METHOD.md picks for closed-book QA):
-``_`` to space, lowercase, punctuation to spaces, the articles a/an/the dropped, whitespace
-collapsed. Punctuation becomes a space rather than vanishing (unlike SQuAD), so ``Saint-Denis``
-and ``Saint Denis`` agree. "Punctuation" is ASCII punctuation, every Unicode punctuation character
-(curly quotes, dashes, guillemets) and the acute and grave accents used as quotes (´ `).
-Letters keep their accents: ``Bogotá`` and ``Bogota`` differ, so loaders list both as aliases
-(``strip_accents``).
+``normalize_answer`` is TriviaQA's normalisation (the one docs/method.md, section 4 "Related
+measures", picks for closed-book QA): ``_`` to space, lowercase, punctuation to spaces, the articles
+a/an/the dropped, whitespace collapsed. Punctuation becomes a space rather than vanishing (unlike
+SQuAD), so ``Saint-Denis`` and ``Saint Denis`` agree. "Punctuation" is ASCII punctuation, every
+Unicode punctuation character (curly quotes, dashes, guillemets) and the acute and grave accents
+used as quotes (´ `). Letters keep their accents: ``Bogotá`` and ``Bogota`` differ, so loaders list
+both as aliases (``strip_accents``).
 """
 
 from __future__ import annotations
