@@ -101,8 +101,9 @@ def _arm(rng, drop: float, seeds: int, facts: int = 300, tasks: int = 60) -> Arm
 def test_equal_skill_contrasts_find_a_real_difference_and_none_where_there_is_none():
     rng = np.random.default_rng(0)
     arms = {"keeps": _arm(rng, 0.2, 2), "forgets": _arm(rng, 1.0, 1), "same": _arm(rng, 0.2, 2)}
-    result = equal_skill(arms, [("keeps", "forgets"), ("keeps", "same")], ["gold_logprob"], [1.0],
+    result = equal_skill(arms, [("keeps", "forgets"), ("keeps", "same")], ["gold_logprob"], [2 / 3],
                          Draws.make(300, 60, 500, seed=0))["gold_logprob"][0]
+    assert result["skill"] == pytest.approx(1.0, abs=0.05)  # two thirds of the common 1.5
     real = result["contrasts"]["keeps vs forgets"]
     assert real["estimate"] == pytest.approx(0.8, abs=0.1) and verdict(real) == "higher"
     assert verdict(result["contrasts"]["keeps vs same"]) == "no detectable difference"

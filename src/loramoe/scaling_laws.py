@@ -193,5 +193,12 @@ def fit_power_law(params: ArrayLike, steps: ArrayLike, loss: ArrayLike) -> Power
     errors = dict(zip((*_POWER_NAMES, "s"), _stderr(final, len(y)).tolist()))
     undetermined = [name for name, x, low, high in zip(_POWER_NAMES, final.x, lower, upper)
                     if min(x - low, high - x) < 1e-3 or not errors[name] <= constants[name]]
+    # a term that adds nothing over the data leaves both its constants free, whatever the
+    # Jacobian's rounding says of its exponent
+    term_p = (constants["a"] / p) ** constants["alpha"]
+    term_n = (constants["b"] / n) ** constants["beta"]
+    for names, term in ((("a", "alpha"), term_p), (("b", "beta"), term_n)):
+        if np.max(term / (term_p + term_n)) < 1e-6:
+            undetermined += [name for name in names if name not in undetermined]
     return PowerLawFit(c=sign, **constants, s=float(final.x[5]), r2=_r2(y, residuals), residuals=residuals.tolist(),
                        points=len(y), stderr=errors, undetermined=undetermined)

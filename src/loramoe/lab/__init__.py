@@ -1,12 +1,15 @@
-"""``loramoe lab``: knowledge forgetting under instruction tuning, reproduced in small.
+"""``loramoe lab``: does a method keep world knowledge at equal task skill?
 
 | module | holds |
 | --- | --- |
 | ``lab.yaml`` | every setting, documented (``loramoe lab --init-config`` copies it) |
 | ``config`` | reading and checking the settings, profiles |
-| ``mix`` | the instruction mix from the built-in suites, nested sizes |
-| ``runs`` | the runs the settings ask for, cached by hash; training and scoring one |
-| ``results`` | from eval.json files to results.json rows and findings |
+| ``mix`` | the instruction mix from the built-in suites |
+| ``probe`` | the questions: held-out facts with distractors, task items, chat and free-answer subsets |
+| ``scoring`` | one model at one point: format-free knowledge, task loss, router, free answers |
+| ``runs`` | arms x seeds, cached by hash; each trained and scored along its training |
+| ``stats`` | paths, knowledge at equal skill, paired bootstrap intervals (numpy) |
+| ``results`` | from the scored points to results.json: contrasts, verdicts, regime |
 | ``report`` | figures, report.md, report.html |
 | ``main`` | ``lab()``, the command |
 """

@@ -37,25 +37,26 @@ from loramoe.lab.runs import (
 )
 from loramoe.models import EMBEDDED, embedded_model_dir
 
-RUN_SECONDS = 4.0
+RUN_SECONDS = 5.0
 """Loading the model and data for one run."""
-STEP_SECONDS = {"full": 2.6, "adapter": 1.6}
+STEP_SECONDS = {"full": 1.3, "adapter": 1.25}
 """One optimiser step of 8 records, full fine-tuning and adapters (bf16 on the CPU)."""
-POINT_SECONDS = 9.0
+POINT_SECONDS = 14.0
 """Scoring one point of a run (facts, task items, router)."""
-FINAL_SECONDS = 8.0
+FINAL_SECONDS = 13.0
 """The free answers at the end of a run."""
-BASE_SECONDS = 30.0
+BASE_SECONDS = 24.0
 """Scoring the base model: the gold aliases, a point and its free answers.
 
-Measured on the default lab on a 2-core CPU; the time left uses only their ratios, scaled by the
-pace the lab has kept so far."""
+Measured on the default lab on a 2-core CPU (bf16); the time left uses only their ratios, scaled
+by the pace the lab has kept so far."""
 
 
-def _cost(run: Run, batch: int) -> float:
-    steps = run.settings["max_steps"] * batch / 8
-    per_step = STEP_SECONDS["full" if run.method == "full" else "adapter"]
-    return RUN_SECONDS + steps * per_step + len(run.steps) * POINT_SECONDS + FINAL_SECONDS
+def _costs(run: Run, batch: int) -> dict[str, float]:
+    """A run's work in estimated seconds: per optimiser step, per scored point, and in all."""
+    step = STEP_SECONDS["full" if run.method == "full" else "adapter"] * batch / 8
+    total = RUN_SECONDS + run.settings["max_steps"] * step + len(run.steps) * POINT_SECONDS + FINAL_SECONDS
+    return {"step": step, "point": POINT_SECONDS, "total": total}
 
 
 def _account(progress: tqdm, cost: float, cached: bool) -> None:
@@ -108,7 +109,7 @@ def lab(
         embedded_model_dir(settings.model)
     batch = int(settings.train.get("batch_size", 8)) * int(settings.train.get("grad_accum", 1))
     # smoothing=0: the time left follows the pace of the whole lab so far, not of its last run
-    progress = tqdm(total=sum(_cost(r, batch) for r in runs) + BASE_SECONDS, unit="s", desc="lab", smoothing=0,
+    progress = tqdm(total=sum(_costs(r, batch)["total"] for r in runs) + BASE_SECONDS, unit="s", desc="lab", smoothing=0,
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
     progress.set_postfix_str("scoring the base model")
     base, cached = score_base(settings, probe, output, key)
@@ -117,8 +118,14 @@ def lab(
     for i, run in enumerate(runs, 1):
         progress.set_postfix_str(f"run {i}/{len(runs)}: {run.name}")
         cached = (run_folder(output, run) / DONE).is_file()
-        record = execute(run, settings, probe, base["gold"], output)
-        _account(progress, _cost(run, batch), cached)
+        costs, done = _costs(run, batch), [0.0]
+
+        def tick(kind: str, costs: dict[str, float] = costs, done: list[float] = done) -> None:
+            progress.update(costs[kind])
+            done[0] += costs[kind]
+
+        record = execute(run, settings, probe, base["gold"], output, tick)
+        _account(progress, costs["total"] - done[0], cached)
         records.append(record)
         points[run.name] = read_points(output, record)
         last = points[run.name][-1]

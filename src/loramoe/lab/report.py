@@ -66,7 +66,8 @@ def _trajectories(results: dict, path: Path) -> str:
         label, unit, _ = UNITS[measure]
         for name, arm in results["arms"].items():
             p = arm["path"]
-            line, = ax.plot(p["skill"], p[measure], marker="o", label=f"{name} ({len(arm['seeds'])} seeds)")
+            seeds = len(arm["seeds"])
+            line, = ax.plot(p["skill"], p[measure], marker="o", label=f"{name} ({seeds} seed{'s' if seeds > 1 else ''})")
             if len(p["per_seed"]) > 1:
                 for seed in p["per_seed"].values():
                     ax.plot(seed["skill"], seed[measure], color=line.get_color(), alpha=0.3, linewidth=0.8)

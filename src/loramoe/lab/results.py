@@ -118,7 +118,7 @@ def build(config: LabConfig, probe: Probe, base: dict[str, Any], records: list[d
     top = common_skill(arms)
     levels = [share * top for share in config.score.levels]
     contrasts = [(c.a, c.b) for c in config.contrasts]
-    equal = equal_skill(arms, contrasts, list(MEASURES), levels, draws)
+    equal = equal_skill(arms, contrasts, list(MEASURES), list(config.score.levels), draws)
     base_know = _knowledge(base)
     base_generation = _generation_scores(probe, base["generation"])
     out_arms = {}

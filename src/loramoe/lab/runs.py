@@ -19,6 +19,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -37,6 +38,8 @@ from loramoe.train import train
 DONE = "lab_run.json"
 POINTS = "points.json"
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+ANALYSIS_ONLY = {"levels", "bootstrap"}
+"""Score settings that only the statistics read: changing them redoes no run."""
 
 
 def file_hash(path: Path) -> str:
@@ -85,7 +88,8 @@ class Run:
 
 def scoring_key(config: LabConfig, probe: Probe) -> str:
     """What a score depends on besides the model: the questions and how they are asked."""
-    return _hash({"probe": probe.key(), "score": asdict(config.score), "model": config.model})
+    measured = {k: v for k, v in asdict(config.score).items() if k not in ANALYSIS_ONLY}
+    return _hash({"probe": probe.key(), "score": measured, "model": config.model})
 
 
 def plan(config: LabConfig, mix: Mix, scoring: str) -> list[Run]:
@@ -125,12 +129,15 @@ def score_base(config: LabConfig, probe: Probe, lab_dir: Path, key: str) -> tupl
 class ScoreAlong(TrainerCallback):
     """Scores the model being trained at the given steps (see the module docstring)."""
 
-    def __init__(self, steps: list[int], tokenizer, probe: Probe, gold: list[str], config: LabConfig) -> None:
+    def __init__(self, steps: list[int], tokenizer, probe: Probe, gold: list[str], config: LabConfig,
+                 tick: Callable[[str], None]) -> None:
         self.steps, self.tokenizer, self.probe, self.gold, self.config = steps, tokenizer, probe, gold, config
+        self.tick = tick
         self.points: list[dict[str, Any]] = []
         self.seconds = 0.0
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.tick("step")
         if state.global_step in self.steps:
             started = time.time()
             s = self.config.score
@@ -138,10 +145,13 @@ class ScoreAlong(TrainerCallback):
                                            final=state.global_step == self.steps[-1], batch_size=s.batch_size,
                                            max_new_tokens=s.max_new_tokens, precision=s.precision))
             self.seconds += time.time() - started
+            self.tick("point")
 
 
-def execute(run: Run, config: LabConfig, probe: Probe, gold: list[str], lab_dir: Path) -> dict[str, Any]:
-    """Trains and scores one run, or reads it back when done; returns its ``lab_run.json`` content."""
+def execute(run: Run, config: LabConfig, probe: Probe, gold: list[str], lab_dir: Path,
+            tick: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Trains and scores one run, or reads it back when done; returns its ``lab_run.json`` content.
+    ``tick`` hears of each optimiser step (``"step"``) and scored point (``"point"``) as they end."""
     folder = run_folder(lab_dir, run)
     done = folder / DONE
     if done.is_file():
@@ -149,7 +159,7 @@ def execute(run: Run, config: LabConfig, probe: Probe, gold: list[str], lab_dir:
     shutil.rmtree(folder, ignore_errors=True)  # a run cut off: start it again
     started = time.time()
     tokenizer = models.load_tokenizer(config.model)
-    along = ScoreAlong(run.steps, tokenizer, probe, gold, config)
+    along = ScoreAlong(run.steps, tokenizer, probe, gold, config, tick)
     summary = train(**run.settings, output=folder, callbacks=[along])
     if run.method == "full" and not config.keep_full_weights:
         drop_weights(folder)

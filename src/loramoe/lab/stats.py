@@ -7,13 +7,13 @@ point is the mean task loss of the base model minus the point's (nats per token;
 higher is better). An arm's path is the mean over its seeds at each point (the seeds share steps).
 
 Knowledge at skill level ``s`` is read off an arm's path where it first reaches ``s``, linearly
-between the two points around it; a path that never reaches ``s`` gives NaN.
+between the two points around it. Levels are shares of the highest skill every arm reaches.
 
 Intervals: a paired bootstrap. Each replicate draws the facts and the task items with
 replacement (the same draw for every arm: the comparison is paired) and, for each arm, its seeds
 with replacement; every statistic is recomputed on the replicate, and the 95 % interval is the
-2.5th to 97.5th percentile over replicates. Replicates in which a path misses a level are left out
-of that level's interval, and their share is reported.
+2.5th to 97.5th percentile over replicates. A level is set again in each replicate (its share of
+that replicate's common skill), so every path reaches it.
 """
 
 from __future__ import annotations
@@ -83,20 +83,20 @@ def arm_paths(name: str, arm: ArmData, measure: str, draws: Draws | None) -> tup
     return skill, knowledge
 
 
-def at_level(skill: np.ndarray, knowledge: np.ndarray, level: float) -> np.ndarray:
-    """Per row, the knowledge where the path first reaches ``level`` of skill, linearly
-    interpolated between the points around it; NaN where it never does."""
-    reached = skill >= level
+def at_level(skill: np.ndarray, knowledge: np.ndarray, level: float | np.ndarray) -> np.ndarray:
+    """Per row, the knowledge where the path first reaches ``level`` of skill (one for all rows,
+    or one per row), linearly interpolated between the points around it; NaN where it never does."""
+    levels = np.broadcast_to(np.asarray(level, dtype=float), skill.shape[:1])
+    reached = skill >= levels[:, None]
     first = np.argmax(reached, axis=1)
     out = np.full(skill.shape[0], np.nan)
-    rows = np.nonzero(reached.any(axis=1))[0]
-    for r in rows:
+    for r in np.nonzero(reached.any(axis=1))[0]:
         j = first[r]
         if j == 0:
             out[r] = knowledge[r, 0]
             continue
         span = skill[r, j] - skill[r, j - 1]
-        t = 0.0 if span <= 0 else (level - skill[r, j - 1]) / span
+        t = 0.0 if span <= 0 else (levels[r] - skill[r, j - 1]) / span
         out[r] = knowledge[r, j - 1] + t * (knowledge[r, j] - knowledge[r, j - 1])
     return out
 
@@ -129,26 +129,30 @@ def common_skill(arms: dict[str, ArmData]) -> float:
 
 
 def equal_skill(arms: dict[str, ArmData], contrasts: list[tuple[str, str]], measures: list[str],
-                levels: list[float], draws: Draws) -> dict:
+                shares: list[float], draws: Draws) -> dict:
     """Per measure and level: each arm's knowledge change against the base model at that skill,
-    and each contrast ``(a, b)``'s difference a - b, all with intervals."""
+    and each contrast ``(a, b)``'s difference a - b, all with intervals. A level is a share of the
+    highest skill every arm reaches, in the estimate and again in each replicate, so that every
+    path reaches every level (share 1: the weakest arm at its best skill)."""
+    paths = {name: {m: arm_paths(name, arm, m, None) for m in measures} for name, arm in arms.items()}
+    boots = {name: {m: arm_paths(name, arm, m, draws) for m in measures} for name, arm in arms.items()}
+    first = measures[0]
+    common = min(p[first][0].max() for p in paths.values())
+    boot_common = np.min([b[first][0].max(axis=1) for b in boots.values()], axis=0)  # (replicates,)
     out: dict = {}
     for measure in measures:
-        estimates, replicates = {}, {}
-        for name, arm in arms.items():
-            skill, know = arm_paths(name, arm, measure, None)
-            boot_skill, boot_know = arm_paths(name, arm, measure, draws)
-            base, boot_base = know[0, 0], boot_know[:, 0]
-            estimates[name] = [at_level(skill, know, s)[0] - base for s in levels]
-            replicates[name] = [at_level(boot_skill, boot_know, s) - boot_base for s in levels]
         per_level = []
-        for i, level in enumerate(levels):
-            row = {"skill": level,
-                   "arms": {name: interval(estimates[name][i], replicates[name][i]) for name in arms},
-                   "contrasts": {}}
-            for a, b in contrasts:
-                row["contrasts"][f"{a} vs {b}"] = interval(estimates[a][i] - estimates[b][i],
-                                                           replicates[a][i] - replicates[b][i])
+        for share in shares:
+            estimates, replicates = {}, {}
+            for name in arms:
+                skill, know = paths[name][measure]
+                boot_skill, boot_know = boots[name][measure]
+                estimates[name] = at_level(skill, know, share * common)[0] - know[0, 0]
+                replicates[name] = at_level(boot_skill, boot_know, share * boot_common) - boot_know[:, 0]
+            row = {"share": share, "skill": share * common,
+                   "arms": {name: interval(estimates[name], replicates[name]) for name in arms},
+                   "contrasts": {f"{a} vs {b}": interval(estimates[a] - estimates[b], replicates[a] - replicates[b])
+                                 for a, b in contrasts}}
             per_level.append(row)
         out[measure] = per_level
     return out
