@@ -78,7 +78,8 @@ def _answer(new_ids: list[int], stop_ids: Sequence[int], tokenizer: PreTrainedTo
     return text.split("\n", 1)[0].strip() if stop_on_newline else text
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one left-padded (rows, longest) id tensor and its attention mask, on ``device``."""
     length = max(map(len, rows))
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -128,7 +129,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, example
     try:
         for chunk in tqdm(_batches([len(p) for p in prompts], batch_size), desc="generating", unit="batch",
                           disable=not progress):
-            ids, mask = _left_pad([prompts[i] for i in chunk], pad_id, model.device)
+            ids, mask = left_pad([prompts[i] for i in chunk], pad_id, model.device)
             stopping = StoppingCriteriaList([_NewlineStop(tokenizer, ids.shape[1])] if stop_on_newline else [])
             with torch.no_grad():
                 output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,

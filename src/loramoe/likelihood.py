@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loramoe.adapters import LoraMoELinear
+from loramoe.generation import left_pad
 from loramoe.routing import capture_routing
 
 
@@ -29,16 +30,6 @@ class Scored:
     """Per prompt, per continuation, the log-probability of each of its tokens."""
     prompt_gates: dict[str, Tensor] | None
     """With ``prompt_routing``: per LoRAMoE layer, (prompts, E) gate means over each prompt's tokens."""
-
-
-def _left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    length = max(map(len, rows))
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, length - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, length - len(row):] = 1
-    return ids, mask
 
 
 def _chunks(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -68,8 +59,7 @@ def continuation_logprobs(model: nn.Module, prompts: Sequence[list[int]],
     device = next(model.parameters()).device
     try:
         for chunk in _chunks([len(p) for p in prompts], batch_size):
-            ids, mask = _left_pad([prompts[i] for i in chunk], pad_id)
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask = left_pad([prompts[i] for i in chunk], pad_id, device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             # the decoder, then the head on the last position alone: the causal LM's own head on a
             # (batch, 1, width) slice runs as a batched product over a copy of the head per row in bf16
