@@ -194,6 +194,28 @@ def test_resume_after_a_kill_during_a_checkpoint_matches_an_uninterrupted_run(ti
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_a_kill_before_the_new_checkpoint_is_complete_keeps_the_old_one(tiny_model_dir, data_file, tmp_path,
+                                                                         monkeypatch):
+    import loramoe.trainer as trainer_module
+
+    real_write = trainer_module.atomic_write_text
+
+    def killed_at_the_second_marker(path, text):
+        if Path(path).name == COMPLETE_MARKER and Path(path).parent.name == "checkpoint-4":
+            raise KeyboardInterrupt  # the process dies here, after checkpoint-4's files, before its marker
+        real_write(path, text)
+
+    monkeypatch.setattr(trainer_module, "atomic_write_text", killed_at_the_second_marker)
+    with pytest.raises(KeyboardInterrupt):
+        train(**_common(tiny_model_dir, data_file, save_total_limit=1), output=tmp_path)
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "checkpoint-2" / COMPLETE_MARKER).is_file()  # still there to resume from
+    monkeypatch.undo()
+    summary = train(**_common(tiny_model_dir, data_file, save_total_limit=1), output=tmp_path, resume=True)
+    assert summary["resumed_from"].endswith("checkpoint-2")
+    assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-4"]  # the limit still holds
+
+
 def test_the_constraint_leans_against_the_own_group_and_the_routing_objective_towards_it(tiny_model_dir,
                                                                                          tmp_path):
     """Trained end to end, the constraint moves each type's gate mass slightly *off* its own group

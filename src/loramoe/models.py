@@ -22,6 +22,8 @@ import platformdirs
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from loramoe.fileio import umask_mode
+
 
 @dataclass(frozen=True)
 class EmbeddedModel:
@@ -70,6 +72,7 @@ def embedded_model_dir(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, umask_mode(folder=True))  # mkdtemp's 0700 would keep a shared cache private
         _convert_gguf(gguf, tmp, name)
         try:
             os.rename(tmp, target)

@@ -37,6 +37,7 @@ import torch.distributed.nn
 import torch.nn.functional as F
 from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer_utils import rotate_checkpoints
 
 from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import adapter_config
@@ -215,8 +216,17 @@ class LoraMoETrainer(Trainer):
         load_adapter(model or self.model, resume_from_checkpoint)
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        # old checkpoints go only once the new one is complete: the Trainer deletes them as soon as
+        # it has written the new folder, and a kill before its marker would leave none to resume
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state
         if self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            run_dir = self._get_output_dir(trial=trial)
+            folder = Path(run_dir) / f"checkpoint-{self.state.global_step}"
             atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"global_step": self.state.global_step}))
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
