@@ -325,13 +325,16 @@ def test_truncation_keeps_the_start_and_warns_once_with_the_count(chat_template)
         data = tokenize_records(records, tokenizer, max_length=20)
     assert [str(w.message) for w in caught] == [
         "3 of 4 samples are longer than max_length=20 tokens and were truncated, keeping the start; "
-        "1 of them kept nothing of the response"]
+        "1 of them kept nothing of the response and were dropped (nothing to learn)"]
     full = tokenize_records(records, tokenizer, max_length=1000)
+    assert len(data) == 3  # the one whose prompt fills max_length is dropped
     for cut, whole in zip(data, full):
         assert cut["input_ids"] == whole["input_ids"][:20] and cut["labels"] == whole["labels"][:20]
     assert labelled(tokenizer, data[1]) and set(labelled(tokenizer, data[1])) == {"b"}
-    assert set(data[3]["labels"]) == {IGNORE_INDEX}
+    assert all(set(row["labels"]) != {IGNORE_INDEX} for row in data)
     assert len(data[0]["input_ids"]) < 20  # short samples untouched
+    with pytest.raises(DataError, match="every sample's prompt fills max_length=20"):
+        tokenize_records(records[3:], tokenizer, max_length=20)
 
 
 def test_no_warning_when_nothing_is_truncated():

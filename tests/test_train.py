@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from loramoe.cli import main as cli_main
+from loramoe.data import DataError
 from loramoe.train import train
 from loramoe.trainer import COMPLETE_MARKER, TrainingDiverged
 from tests.conftest import child_env, save_tiny
@@ -192,6 +193,20 @@ def test_resume_after_a_kill_during_a_checkpoint_matches_an_uninterrupted_run(ti
     assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 6
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_records_whose_prompt_fills_max_length_are_dropped_not_called_divergence(tiny_model_dir, tmp_path):
+    long = [{"instruction": " ".join(f"w{2 + j % 40}" for j in range(40)), "output": "w5", "type": "task"}] * 4
+    file = tmp_path / "mixed.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in _records(4) + long))
+    with pytest.warns(UserWarning, match="4 of them kept nothing of the response and were dropped"):
+        summary = train(data=[str(file)], model=tiny_model_dir, output=tmp_path / "run", max_steps=2, batch_size=4,
+                        max_length=16, group_by_length=True, logging_steps=1, save_steps=100)
+    assert summary["steps"] == 2 and math.isfinite(summary["train_loss"])
+    only_long = tmp_path / "long.jsonl"
+    only_long.write_text("".join(json.dumps(r) + "\n" for r in long))
+    with pytest.raises(DataError, match="raise --max-length"):
+        train(data=[str(only_long)], model=tiny_model_dir, output=tmp_path / "none", max_steps=1, max_length=16)
 
 
 def test_a_kill_before_the_new_checkpoint_is_complete_keeps_the_old_one(tiny_model_dir, data_file, tmp_path,

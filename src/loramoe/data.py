@@ -247,8 +247,10 @@ def tokenize_records(records: Sequence[Record], tokenizer: PreTrainedTokenizerBa
     ``sample_type`` (``type_ids[type]``, or -1 for untyped records and types not in ``type_ids``).
 
     With ``require_types`` every record's type must be in ``type_ids`` (else DataError). Longer
-    sequences than ``max_length`` keep their start, and one warning says how many were cut; a
-    sample whose response is cut away entirely stays, with no label, so nothing vanishes unseen.
+    sequences than ``max_length`` keep their start, and one warning says how many were cut. A sample
+    whose prompt fills ``max_length`` keeps no label, so it is dropped, and the warning counts it: a
+    batch of only such samples would have a loss of 0/0, which is no divergence. If every sample is
+    dropped, DataError.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {max_length}")
@@ -268,13 +270,19 @@ def tokenize_records(records: Sequence[Record], tokenizer: PreTrainedTokenizerBa
         if len(ids) > max_length:
             ids, labels = ids[:max_length], labels[:max_length]
             truncated += 1
-            unlabelled += prompt_length >= max_length
+            if prompt_length >= max_length:
+                unlabelled += 1
+                continue
         columns["input_ids"].append(ids)
         columns["attention_mask"].append([1] * len(ids))
         columns["labels"].append(labels)
         columns["sample_type"].append(type_ids.get(record.type, -1))  # untyped: None is never a key
+    if unlabelled == len(records) and records:
+        raise DataError(f"{records[0].source}: every sample's prompt fills max_length={max_length} tokens, "
+                        f"so none has a response to learn; raise --max-length")
     if truncated:
-        lost = f"; {unlabelled} of them kept nothing of the response" if unlabelled else ""
+        lost = (f"; {unlabelled} of them kept nothing of the response and were dropped (nothing to learn)"
+                if unlabelled else "")
         warnings.warn(f"{truncated} of {len(records)} samples are longer than max_length={max_length} "
                       f"tokens and were truncated, keeping the start{lost}", stacklevel=2)
     return datasets.Dataset.from_dict(columns, features=_FEATURES)
