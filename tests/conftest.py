@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 def child_env(**extra: str) -> dict[str, str]:
     """The environment for a Python child process that must run the code under test: this tree's
     src/ first, then the tree itself (for ``tests``). Without src/ the child imports the editable
-    install's loramoe, which is /work/main's, not a worktree's, so a branch's test would compare
-    its own code against main's without a word."""
+    install's loramoe, which is the checkout the venv was installed from, not a worktree's, so a
+    branch's test would compare its own code against that checkout's without a word."""
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]), **extra)
 
 

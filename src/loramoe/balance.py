@@ -75,14 +75,19 @@ def balancing_loss(importance: Tensor, sample_types: Tensor, expert_groups: Tens
     return cv_squared(coeff * q)
 
 
+def group_mass(importance: Tensor, expert_groups: Tensor, num_groups: int) -> Tensor:
+    """Per sample, the gate mass each group's experts received: importance (..., E), expert_groups
+    (E,) -> (..., G). Experts without a group (``UNTYPED``) count for group 0, the one pool."""
+    onehot = torch.nn.functional.one_hot(expert_groups.to(importance.device).clamp(min=0), num_groups)
+    return importance.float() @ onehot.float()
+
+
 def group_shares(importance: Tensor, sample_types: Tensor, expert_groups: Tensor,
                  num_groups: int) -> Tensor:
     """Router balance: ``S[t, g]`` = share of the gate mass of samples of type t that went to
     group g's experts, (num_groups, num_groups); a type with no samples gets a row of NaN."""
-    q = importance.float()  # (M, E)
-    onehot_groups = torch.nn.functional.one_hot(expert_groups.clamp(min=0), num_groups).float()  # (E, G)
-    per_sample_group = q @ onehot_groups  # (M, G)
-    shares = torch.full((num_groups, num_groups), float("nan"), device=q.device)
+    per_sample_group = group_mass(importance, expert_groups, num_groups)  # (M, G)
+    shares = torch.full((num_groups, num_groups), float("nan"), device=importance.device)
     for t in range(num_groups):
         rows = per_sample_group[sample_types == t]
         if len(rows):
@@ -101,11 +106,9 @@ def group_routing_loss(importance: Tensor, sample_types: Tensor, expert_groups: 
     Returns a float32 scalar."""
     if num_groups < 2:
         raise ValueError(f"group_routing_loss needs at least 2 groups, got {num_groups}")
-    q = importance.float()
-    sample_types = sample_types.to(q.device)
+    sample_types = sample_types.to(importance.device)
     typed = (sample_types >= 0) & (sample_types < num_groups)
-    onehot_groups = torch.nn.functional.one_hot(expert_groups.to(q.device).clamp(min=0), num_groups).float()
-    per_group = q @ onehot_groups  # (M, G)
+    per_group = group_mass(importance, expert_groups, num_groups)  # (M, G)
     shares = (per_group / per_group.sum(-1, keepdim=True).clamp(min=EPS)).clamp(min=SHARE_FLOOR)
     own = torch.nn.functional.one_hot(torch.where(typed, sample_types, 0), num_groups).bool()
     wanted = torch.where(own, target, (1.0 - target) / (num_groups - 1))

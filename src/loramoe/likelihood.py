@@ -57,20 +57,20 @@ def continuation_logprobs(model: nn.Module, prompts: Sequence[list[int]],
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    # the decoder, then the head only where it is read: the causal LM's own head on a (batch, 1,
+    # width) slice runs as a batched product over a copy of the head per row in bf16 on the CPU,
+    # most of the scoring time
+    decoder, head = model.base_model, model.get_output_embeddings()
+    prefix = f"{model.base_model_prefix}." if decoder is not model else ""  # gate paths named as in the model
     try:
         for chunk in _chunks([len(p) for p in prompts], batch_size):
             ids, mask = left_pad([prompts[i] for i in chunk], pad_id, device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            # the decoder, then the head on the last position alone: the causal LM's own head on a
-            # (batch, 1, width) slice runs as a batched product over a copy of the head per row in bf16
-            # on the CPU, most of the scoring time
-            decoder, head = model.base_model, model.get_output_embeddings()
             with capture_routing(decoder) if routed else nullcontext() as record:
                 output = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
             if routed:
                 counts = mask.sum(-1, keepdim=True).float()
-                prefix = f"{model.base_model_prefix}." if decoder is not model else ""
-                for path, sums in record.layers.items():  # named as in the whole model
+                for path, sums in record.layers.items():
                     gates.setdefault(prefix + path, []).append((chunk, sums[0] / counts))
             last = head(output.last_hidden_state[:, -1].contiguous())
             first = F.log_softmax(last.float(), dim=-1)  # (b, V): every first token
@@ -91,23 +91,19 @@ def continuation_logprobs(model: nn.Module, prompts: Sequence[list[int]],
                     cont_mask[row, :len(c) - 1] = 1
                 cont, cont_mask = cont.to(device), cont_mask.to(device)
                 start = mask.sum(-1)[index]
-                hidden = model.base_model(input_ids=cont, attention_mask=torch.cat([mask[index], cont_mask], dim=1),
-                                          position_ids=start[:, None] + torch.arange(width, device=device),
-                                          past_key_values=cache, use_cache=True).last_hidden_state
+                hidden = decoder(input_ids=cont, attention_mask=torch.cat([mask[index], cont_mask], dim=1),
+                                 position_ids=start[:, None] + torch.arange(width, device=device),
+                                 past_key_values=cache, use_cache=True).last_hidden_state
                 # the vocabulary-wide head only where a target follows: most of a padded
                 # (options x width) block is padding, and the head is most of the cost there
-                real = cont_mask.bool()
-                logp = F.log_softmax(model.get_output_embeddings()(hidden[real]).float(), dim=-1)
+                logp = F.log_softmax(head(hidden[cont_mask.bool()]).float(), dim=-1)
                 targets = torch.tensor([t for c in options for t in c[1:]], device=device)
                 picked = logp[torch.arange(len(targets), device=device), targets].tolist()
                 at = 0
                 for row, c in enumerate(options):
                     rest[row], at = picked[at:at + len(c) - 1], at + len(c) - 1
-            row = 0
-            for i in chunk:
-                for _ in continuations[i]:
-                    out[i].append([scores[row], *rest[row]])
-                    row += 1
+            for row, owner_row in enumerate(owner):
+                out[chunk[owner_row]].append([scores[row], *rest[row]])
     finally:
         model.train(was_training)
     prompt_gates = None

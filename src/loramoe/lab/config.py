@@ -82,7 +82,7 @@ class LabConfig:
     """The files (and profile) the settings came from, for the report."""
 
     def seeds(self, variant: str) -> list[int]:
-        return list(self.variants[variant].get("seeds", [self.seed]))
+        return self.variants[variant].get("seeds", [self.seed])
 
 
 def _merge(base: dict, update: dict, path: str = "") -> dict:
@@ -141,7 +141,7 @@ def _check(config: LabConfig, where: str) -> None:
         unknown = sorted(set(settings) - TRAIN_SETTINGS - {"method", "seeds"})
         if unknown:
             raise LabConfigError(f"{where}: variants.{name}.{unknown[0]} is not a `loramoe train` setting")
-        seeds = settings.get("seeds", [config.seed])
+        seeds = config.seeds(name)
         if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) or \
                 not all(isinstance(s, int) for s in seeds):
             raise LabConfigError(f"{where}: variants.{name}.seeds must be a list of distinct integers")

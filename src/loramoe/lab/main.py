@@ -31,6 +31,7 @@ from loramoe.lab.runs import (
     execute,
     plan,
     read_points,
+    records_per_step,
     run_folder,
     score_base,
     scoring_key,
@@ -107,7 +108,7 @@ def lab(
     runs = plan(settings, mix, key)
     if settings.model in EMBEDDED:  # once per machine, and not part of the pace the time left is drawn from
         embedded_model_dir(settings.model)
-    batch = int(settings.train.get("batch_size", 8)) * int(settings.train.get("grad_accum", 1))
+    batch = records_per_step(settings)
     # smoothing=0: the time left follows the pace of the whole lab so far, not of its last run
     progress = tqdm(total=sum(_costs(r, batch)["total"] for r in runs) + BASE_SECONDS, unit="s", desc="lab", smoothing=0,
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")

@@ -48,8 +48,7 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-UNITS = {"gold_logprob": ("gold log-probability", "nats", 3), "mc": ("multiple choice", "points", 1),
-         "skill": ("task skill", "nats", 3)}
+UNITS = {"gold_logprob": ("gold log-probability", "nats", 3), "mc": ("multiple choice", "points", 1)}
 
 
 def ci(result: dict[str, Any], digits: int) -> str:

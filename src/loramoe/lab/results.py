@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from loramoe.adapters import LoraMoEConfig
 from loramoe.lab.config import LabConfig
 from loramoe.lab.probe import Probe
 from loramoe.lab.stats import (
@@ -53,20 +54,23 @@ def arm_data(base: dict[str, Any], seeds: Sequence[list[dict[str, Any]]]) -> Arm
     steps = [p["step"] for p in paths[0]]
     if any([p["step"] for p in path] != steps for path in paths):
         raise ValueError("the seeds of one arm were scored at different steps")
-    knowledge = {m: np.stack([np.stack([_knowledge(p)[m] for p in path]) for path in paths]) for m in MEASURES}
+    measured = [[_knowledge(p) for p in path] for path in paths]
+    knowledge = {m: np.stack([np.stack([k[m] for k in path]) for path in measured]) for m in MEASURES}
     loss = np.stack([np.stack([np.array(p["task_loss"]) for p in path]) for path in paths])
     return ArmData(steps, knowledge, loss)
 
 
-def _chat(probe: Probe, base: dict[str, Any], finals: list[dict[str, Any]], draws: Draws, name: str) -> dict[str, Any]:
-    """What a user sees: greedy chat answers to the chat subset, facts lost apart from format."""
+def _chat(probe: Probe, base: dict[str, Any], finals: list[dict[str, Any]], final_mc: np.ndarray, draws: Draws,
+          name: str) -> dict[str, Any]:
+    """What a user sees: greedy chat answers to the chat subset, facts lost apart from format;
+    ``final_mc`` (seeds, facts) is multiple choice at the end of each seed's run."""
     facts = [probe.facts[i] for i in probe.chat]
     right = np.array([[100.0 * contains_answer(a, f.aliases) for a, f in zip(p["chat"], facts)] for p in finals])
     base_right = np.array([100.0 * contains_answer(a, f.aliases) for a, f in zip(base["chat"], facts)])
     base_long = [len(a.split()) >= SENTENCE_WORDS for a in base["chat"]]
     lost = changed = lost_changed = lost_probe_right = gained = 0
-    for point, hits in zip(finals, right):
-        probe_right = _knowledge(point)["mc"][probe.chat] > 0
+    for point, hits, mc in zip(finals, right, final_mc):
+        probe_right = mc[probe.chat] > 0
         for j, answer in enumerate(point["chat"]):
             format_changed = (len(answer.split()) >= SENTENCE_WORDS) != base_long[j]
             changed += format_changed
@@ -115,10 +119,9 @@ def build(config: LabConfig, probe: Probe, base: dict[str, Any], records: list[d
     n_facts, n_tasks = len(probe.facts), len(probe.tasks)
     draws = Draws.make(n_facts, n_tasks, config.score.bootstrap, config.seed)
     small = Draws.make(max(len(probe.chat), 1), max(len(probe.generation), 1), config.score.bootstrap, config.seed + 1)
-    top = common_skill(arms)
-    levels = [share * top for share in config.score.levels]
     contrasts = [(c.a, c.b) for c in config.contrasts]
     equal = equal_skill(arms, contrasts, list(MEASURES), list(config.score.levels), draws)
+    levels = [row["skill"] for row in equal[MEASURES[0]]]
     base_know = _knowledge(base)
     base_generation = _generation_scores(probe, base["generation"])
     out_arms = {}
@@ -142,7 +145,7 @@ def build(config: LabConfig, probe: Probe, base: dict[str, Any], records: list[d
             "score_seconds": float(np.mean([r["score_seconds"] for r in rs])),
             "path": path, "end": end,
             "per_relation_mc": _per_relation(probe, arm.knowledge["mc"][:, -1].mean(0)),
-            "chat": _chat(probe, base, finals, small, name),
+            "chat": _chat(probe, base, finals, arm.knowledge["mc"][:, -1], small, name),
             "generation": {"score": float(generation.mean()), "base_score": float(base_generation.mean()),
                            "change": end_change(name, generation, base_generation, small.tasks, small)},
         }
@@ -150,7 +153,8 @@ def build(config: LabConfig, probe: Probe, base: dict[str, Any], records: list[d
         if router is not None:
             out_arms[name]["router"] = router
     headline = {m: equal[m][-1] for m in MEASURES}
-    delta = next((float(v.get("balance_delta", 0.1)) for v in config.variants.values() if v["method"] == "loramoe"), 0.1)
+    delta = next((float(v.get("balance_delta", LoraMoEConfig.balance_delta)) for v in config.variants.values()
+                  if v["method"] == "loramoe"), LoraMoEConfig.balance_delta)
     named = []
     for c in config.contrasts:
         key = f"{c.a} vs {c.b}"
@@ -168,7 +172,7 @@ def build(config: LabConfig, probe: Probe, base: dict[str, Any], records: list[d
         "base": {"mc": float(base_know["mc"].mean()), "gold_logprob": float(base_know["gold_logprob"].mean()),
                  "task_loss": float(np.mean(base["task_loss"])), "generation": float(base_generation.mean()),
                  "per_relation_mc": _per_relation(probe, base_know["mc"])},
-        "common_skill": top, "levels": levels, "level_shares": list(config.score.levels),
+        "common_skill": common_skill(arms), "levels": levels, "level_shares": list(config.score.levels),
         "arms": out_arms, "equal_skill": equal, "contrasts": named,
         "regime": _regime(out_arms),
         "detectable": _detectable(named),

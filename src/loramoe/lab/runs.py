@@ -1,7 +1,8 @@
 """The lab's runs: one ``loramoe train`` run per arm and seed, scored along its training.
 
 Each run trains for the mix's steps and is scored (:func:`loramoe.lab.scoring.score_point`) at
-``score.points`` evenly spaced steps by a callback inside the training process, on the live model:
+``score.points`` steps spaced evenly in log-steps by a callback inside the training process, on the
+live model:
 no checkpoint is written or read to score it, and scoring neither draws random numbers nor
 changes the model, so the run trains exactly as it would unscored. The base model is scored once
 (step 0 of every path) and chooses each fact's gold alias.
@@ -50,9 +51,13 @@ def _hash(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps({**identity, "version": version("loramoe")}, sort_keys=True).encode()).hexdigest()
 
 
+def records_per_step(config: LabConfig) -> int:
+    """Records per optimiser step: the batch size times the accumulation steps."""
+    return int(config.train.get("batch_size", 8)) * int(config.train.get("grad_accum", 1))
+
+
 def total_steps(config: LabConfig, records: int) -> int:
-    per_step = int(config.train.get("batch_size", 8)) * int(config.train.get("grad_accum", 1))
-    return max(1, math.ceil(records * float(config.train.get("epochs", 1.0)) / per_step))
+    return max(1, math.ceil(records * float(config.train.get("epochs", 1.0)) / records_per_step(config)))
 
 
 def score_steps(steps: int, points: int) -> list[int]:
@@ -73,7 +78,7 @@ class Run:
     steps: list[int]
     """The steps it is scored at."""
     scoring: str
-    """The hash of the probe, its gold answers and the scoring settings."""
+    """The hash of the probe and the scoring settings (``scoring_key``)."""
     key: str = field(init=False)
 
     def __post_init__(self) -> None:

@@ -17,8 +17,6 @@ and free answers to a subset of the task items.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from copy import deepcopy
 from typing import Any
 
@@ -27,6 +25,7 @@ from torch import nn
 
 from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import adapter_config
+from loramoe.balance import group_mass
 from loramoe.data import IGNORE_INDEX, read_records, tokenize_records
 from loramoe.generation import generate
 from loramoe.lab.probe import Probe
@@ -37,19 +36,11 @@ ALIASES = 4
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
-@contextmanager
-def _scored_copy(model: nn.Module, precision: str) -> Iterator[nn.Module]:
+def _to_score(model: nn.Module, precision: str) -> nn.Module:
     """The model to score: itself in fp32, else a bf16 copy. A copy, not autocast: autocast casts
     every weight again at each call, which is most of the time of a decoded token; and the model
     may be in the middle of its training, which must go on untouched."""
-    if precision != "bf16":
-        yield model
-        return
-    copy = deepcopy(model).to(torch.bfloat16)
-    try:
-        yield copy
-    finally:
-        del copy
+    return deepcopy(model).to(torch.bfloat16) if precision == "bf16" else model
 
 
 def _answer_ids(tokenizer, answer: str) -> list[int]:
@@ -63,10 +54,9 @@ def _statement_ids(tokenizer, probe: Probe) -> list[list[int]]:
 def choose_gold(model: nn.Module, tokenizer, probe: Probe, *, batch_size: int, precision: str) -> list[str]:
     """Per fact, the alias (of its first ``ALIASES``) the model gives the highest log-probability."""
     options = [f.aliases[:ALIASES] for f in probe.facts]
-    with _scored_copy(model, precision) as scored_model:
-        scored = continuation_logprobs(scored_model, _statement_ids(tokenizer, probe),
-                                       [[_answer_ids(tokenizer, a) for a in o] for o in options],
-                                       pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+    scored = continuation_logprobs(_to_score(model, precision), _statement_ids(tokenizer, probe),
+                                   [[_answer_ids(tokenizer, a) for a in o] for o in options],
+                                   pad_id=tokenizer.pad_token_id, batch_size=batch_size)
     return [o[max(range(len(o)), key=lambda j: sum(lp[j]))] for o, lp in zip(options, scored.logprobs)]
 
 
@@ -86,13 +76,13 @@ def router_shares(gates: dict[str, torch.Tensor], config: LoraMoEConfig) -> dict
     """Per expert group, the mean gate share of the items per layer index (projections of one
     layer averaged), from (items, E) gate means per LoRAMoE layer path."""
     groups = list(config.groups or {"all": config.num_experts})
-    of_expert = config.expert_groups() if config.groups else [0] * config.num_experts
+    of_expert = torch.tensor(config.expert_groups())
     by_layer: dict[int, list[torch.Tensor]] = {}
     for path, values in gates.items():
         match = _LAYER.search(path)
         by_layer.setdefault(int(match.group(1)) if match else 0, []).append(values)
-    member = torch.nn.functional.one_hot(torch.tensor(of_expert), len(groups)).float()  # (E, G)
-    shares = [(torch.stack(v).mean(0) @ member).mean(0) for _, v in sorted(by_layer.items())]  # per layer (G,)
+    shares = [group_mass(torch.stack(v).mean(0), of_expert, len(groups)).mean(0)  # per layer (G,)
+              for _, v in sorted(by_layer.items())]
     return {name: [round(float(s[g]), 5) for s in shares] for g, name in enumerate(groups)}
 
 
@@ -102,27 +92,27 @@ def score_point(model: nn.Module, tokenizer, probe: Probe, gold: list[str], *, s
     config = adapter_config(model)
     routed = isinstance(config, LoraMoEConfig)
     pad = tokenizer.pad_token_id
-    with _scored_copy(model, precision) as scored_model:
-        facts = continuation_logprobs(
-            scored_model, _statement_ids(tokenizer, probe),
-            [[_answer_ids(tokenizer, a) for a in (g, *f.distractors)] for f, g in zip(probe.facts, gold)],
-            pad_id=pad, batch_size=batch_size, prompt_routing=routed)
-        prompts, answers = _task_sequences(tokenizer, probe)
-        tasks = continuation_logprobs(scored_model, prompts, [[a] for a in answers], pad_id=pad,
-                                      batch_size=max(1, batch_size // 4), prompt_routing=routed)
-        point: dict[str, Any] = {
-            "step": step,
-            "choices": [[round(sum(c), 5) for c in lp] for lp in facts.logprobs],
-            "task_loss": [round(-sum(lp[0]) / len(lp[0]), 5) for lp in tasks.logprobs],
-        }
-        if routed:
-            point["router"] = {"knowledge": router_shares(facts.prompt_gates, config),
-                               "task": router_shares(tasks.prompt_gates, config)}
-        if final:
-            examples = [probe.facts[i].example for i in probe.chat] + \
-                [probe.tasks[i].example for i in probe.generation]
-            replies = generate(scored_model, tokenizer, examples, style="chat", max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, progress=False)
-            point["chat"] = replies[:len(probe.chat)]
-            point["generation"] = replies[len(probe.chat):]
+    scored_model = _to_score(model, precision)
+    facts = continuation_logprobs(
+        scored_model, _statement_ids(tokenizer, probe),
+        [[_answer_ids(tokenizer, a) for a in (g, *f.distractors)] for f, g in zip(probe.facts, gold)],
+        pad_id=pad, batch_size=batch_size, prompt_routing=routed)
+    prompts, answers = _task_sequences(tokenizer, probe)
+    tasks = continuation_logprobs(scored_model, prompts, [[a] for a in answers], pad_id=pad,
+                                  batch_size=max(1, batch_size // 4), prompt_routing=routed)
+    point: dict[str, Any] = {
+        "step": step,
+        "choices": [[round(sum(c), 5) for c in lp] for lp in facts.logprobs],
+        "task_loss": [round(-sum(lp[0]) / len(lp[0]), 5) for lp in tasks.logprobs],
+    }
+    if routed:
+        point["router"] = {"knowledge": router_shares(facts.prompt_gates, config),
+                           "task": router_shares(tasks.prompt_gates, config)}
+    if final:
+        examples = [probe.facts[i].example for i in probe.chat] + \
+            [probe.tasks[i].example for i in probe.generation]
+        replies = generate(scored_model, tokenizer, examples, style="chat", max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, progress=False)
+        point["chat"] = replies[:len(probe.chat)]
+        point["generation"] = replies[len(probe.chat):]
     return point

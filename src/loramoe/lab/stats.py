@@ -70,17 +70,22 @@ def _mean_over_seeds(values: np.ndarray, pick: np.ndarray | None) -> np.ndarray:
     return gathered.mean(1)
 
 
-def arm_paths(name: str, arm: ArmData, measure: str, draws: Draws | None) -> tuple[np.ndarray, np.ndarray]:
-    """(skill, knowledge), each (replicates, points); one row, the estimate, without draws."""
-    know = arm.knowledge[measure]
-    base_loss = arm.task_loss[:, :1, :]
-    gain = base_loss - arm.task_loss  # per seed, point, item
+def _path(name: str, values: np.ndarray, weights: np.ndarray | None, draws: Draws | None) -> np.ndarray:
+    """(replicates, points): per-item values (seeds, points, items) averaged over items and seeds;
+    one row, the estimate, without draws."""
     if draws is None:
-        return gain.mean(-1).mean(0)[None], know.mean(-1).mean(0)[None]
-    pick = draws.seeds(name, know.shape[0])
-    skill = _mean_over_seeds(np.einsum("spi,ri->srp", gain, draws.tasks), pick)
-    knowledge = _mean_over_seeds(np.einsum("spi,ri->srp", know, draws.facts), pick)
-    return skill, knowledge
+        return values.mean(-1).mean(0)[None]
+    return _mean_over_seeds(np.einsum("spi,ri->srp", values, weights), draws.seeds(name, values.shape[0]))
+
+
+def skill_path(name: str, arm: ArmData, draws: Draws | None) -> np.ndarray:
+    """The arm's skill along its path: the base task loss minus the point's, (replicates, points)."""
+    return _path(name, arm.task_loss[:, :1, :] - arm.task_loss, None if draws is None else draws.tasks, draws)
+
+
+def knowledge_path(name: str, arm: ArmData, measure: str, draws: Draws | None) -> np.ndarray:
+    """The arm's knowledge measure along its path, (replicates, points)."""
+    return _path(name, arm.knowledge[measure], None if draws is None else draws.facts, draws)
 
 
 def at_level(skill: np.ndarray, knowledge: np.ndarray, level: float | np.ndarray) -> np.ndarray:
@@ -105,11 +110,9 @@ def interval(estimate: float, replicates: np.ndarray) -> dict[str, float | None]
     """An estimate with its bootstrap standard error and 95 % percentile interval."""
     finite = replicates[np.isfinite(replicates)]
     if finite.size < 2 or not np.isfinite(estimate):
-        return {"estimate": float(estimate), "low": None, "high": None, "stderr": None,
-                "missed": 1.0 - finite.size / max(replicates.size, 1)}
+        return {"estimate": float(estimate), "low": None, "high": None, "stderr": None}
     low, high = np.percentile(finite, [2.5, 97.5])
-    return {"estimate": float(estimate), "low": float(low), "high": float(high), "stderr": float(finite.std(ddof=1)),
-            "missed": 1.0 - finite.size / replicates.size}
+    return {"estimate": float(estimate), "low": float(low), "high": float(high), "stderr": float(finite.std(ddof=1))}
 
 
 def verdict(result: dict[str, float | None]) -> str:
@@ -125,7 +128,7 @@ def verdict(result: dict[str, float | None]) -> str:
 
 def common_skill(arms: dict[str, ArmData]) -> float:
     """The highest skill every arm's (seed-mean) path reaches."""
-    return float(min(arm_paths(name, arm, next(iter(arm.knowledge)), None)[0].max() for name, arm in arms.items()))
+    return float(min(skill_path(name, arm, None).max() for name, arm in arms.items()))
 
 
 def equal_skill(arms: dict[str, ArmData], contrasts: list[tuple[str, str]], measures: list[str],
@@ -134,21 +137,21 @@ def equal_skill(arms: dict[str, ArmData], contrasts: list[tuple[str, str]], meas
     and each contrast ``(a, b)``'s difference a - b, all with intervals. A level is a share of the
     highest skill every arm reaches, in the estimate and again in each replicate, so that every
     path reaches every level (share 1: the weakest arm at its best skill)."""
-    paths = {name: {m: arm_paths(name, arm, m, None) for m in measures} for name, arm in arms.items()}
-    boots = {name: {m: arm_paths(name, arm, m, draws) for m in measures} for name, arm in arms.items()}
-    first = measures[0]
-    common = min(p[first][0].max() for p in paths.values())
-    boot_common = np.min([b[first][0].max(axis=1) for b in boots.values()], axis=0)  # (replicates,)
+    skills = {name: skill_path(name, arm, None) for name, arm in arms.items()}
+    boot_skills = {name: skill_path(name, arm, draws) for name, arm in arms.items()}
+    common = common_skill(arms)
+    boot_common = np.min([s.max(axis=1) for s in boot_skills.values()], axis=0)  # (replicates,)
     out: dict = {}
     for measure in measures:
+        know = {name: knowledge_path(name, arm, measure, None) for name, arm in arms.items()}
+        boot_know = {name: knowledge_path(name, arm, measure, draws) for name, arm in arms.items()}
         per_level = []
         for share in shares:
             estimates, replicates = {}, {}
             for name in arms:
-                skill, know = paths[name][measure]
-                boot_skill, boot_know = boots[name][measure]
-                estimates[name] = at_level(skill, know, share * common)[0] - know[0, 0]
-                replicates[name] = at_level(boot_skill, boot_know, share * boot_common) - boot_know[:, 0]
+                estimates[name] = at_level(skills[name], know[name], share * common)[0] - know[name][0, 0]
+                replicates[name] = (at_level(boot_skills[name], boot_know[name], share * boot_common)
+                                    - boot_know[name][:, 0])
             row = {"share": share, "skill": share * common,
                    "arms": {name: interval(estimates[name], replicates[name]) for name in arms},
                    "contrasts": {f"{a} vs {b}": interval(estimates[a] - estimates[b], replicates[a] - replicates[b])
