@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM
 
 import loramoe
 from loramoe import AdapterLoadError, LoraConfig, LoraMoEConfig, TiedLoraConfig
 from loramoe.serialization import CONFIG_NAME, WEIGHTS_NAME
-from tests.conftest import tiny_gpt2, tiny_llama, random_batch
+from tests.conftest import random_batch, tiny_gpt2, tiny_llama
 
 
 def _trained(model, config):
@@ -123,6 +124,116 @@ KEY = "model.layers.0.mlp.up_proj.lora_A"
 ])
 def test_load_errors_name_the_problem_and_leave_the_model_alone(saved_loramoe, corrupt, message):
     _assert_load_fails_and_leaves_the_model_alone(saved_loramoe, corrupt, message)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("corrupt,message", [
+    (lambda f: _edit_weights(f, lambda t: t[KEY].view(-1)[5:7].fill_(NAN)),
+     rf"adapter_model.safetensors: key '{KEY}' holds 2 NaN or Inf values"),
+    (lambda f: _edit_weights(f, lambda t: t["model.layers.1.mlp.down_proj.router.weight"].view(-1)[0:1].fill_(-INF)),
+     "key 'model.layers.1.mlp.down_proj.router.weight' holds 1 NaN or Inf values"),
+    (lambda f: _edit_weights(f, lambda t: t.update({KEY: t[KEY].fill_(NAN).to(torch.float8_e4m3fn)})),
+     rf"key '{KEY}' holds 256 NaN or Inf values \(of 256\)"),
+    (lambda f: _edit_config(f, lambda d: d["config"].update(r="2")), r"json: field 'config.r': must be of type int, got '2'"),
+    (lambda f: _edit_config(f, lambda d: d["config"].update(r=True)), "field 'config.r': must be of type int, got True"),
+    (lambda f: _edit_config(f, lambda d: d["config"].update(r=2.0)), "field 'config.r': must be of type int, got 2.0"),
+    (lambda f: _edit_config(f, lambda d: d["config"].update(alpha=NAN)), "field 'config.alpha': must be finite, got nan"),
+    (lambda f: _edit_config(f, lambda d: d["config"].update(balance_weight=INF)),
+     "field 'config.balance_weight': must be finite, got inf"),
+    (lambda f: _edit_config(f, lambda d: d["config"].update(num_experts=None, groups={"knowledge": True, "task": 3})),
+     r"field 'config.groups': must be of type dict\[str, int\] \| None"),
+    (lambda f: _edit_config(f, lambda d: d["config"].update(dtype=5)), "field 'config.dtype': must be of type str"),
+    (lambda f: _edit_config(f, lambda d: d["config"].update(target_modules=[1])), "field 'config.target_modules'"),
+    (lambda f: (f / CONFIG_NAME).write_text("[1, 2]"), "adapter_config.json: expected a JSON object, found an array"),
+    (lambda f: (f / CONFIG_NAME).write_text('"x"'), "adapter_config.json: expected a JSON object, found a string"),
+    (lambda f: (f / CONFIG_NAME).write_bytes(b'\xff\xfe{\x00}\x00'), "adapter_config.json: not UTF-8 text"),
+    (lambda f: _edit_config(f, lambda d: d.update(config=None)), "field 'config': expected a JSON object, found null"),
+    (lambda f: _edit_config(f, lambda d: d.update(config=["r"])), "field 'config': expected a JSON object, found an array"),
+    (lambda f: _edit_config(f, lambda d: d.update(loramoe=5)), "field 'loramoe': expected a JSON object, found a number"),
+    (lambda f: _edit_config(f, lambda d: d.update(target_paths="model.layers.0.mlp.up_proj")), "field 'target_paths'"),
+    (lambda f: _edit_config(f, lambda d: d.update(base_model=5)), "field 'base_model': expected a JSON object, found a number"),
+    (lambda f: _edit_config(f, lambda d: d["base_model"].update(hidden_size="32")),
+     "field 'base_model.hidden_size': must be an integer, got '32'"),
+    (lambda f: _edit_config(f, lambda d: d["base_model"].update(vocab_size=100)),
+     "field 'base_model.vocab_size': the adapter was trained on a model with vocab_size=100, this model has 97"),
+])
+def test_bad_values_are_load_errors_that_name_the_file_and_field(saved_loramoe, corrupt, message):
+    _assert_load_fails_and_leaves_the_model_alone(saved_loramoe, corrupt, message)
+
+
+def test_tied_lora_switches_must_be_booleans(saved_tied):
+    _assert_load_fails_and_leaves_the_model_alone(
+        saved_tied, lambda f: _edit_config(f, lambda d: d["config"].update(preset=None, train_A="yes")),
+        r"field 'config.train_A': must be of type bool \| None, got 'yes'")
+
+
+def test_a_plain_peft_file_with_bad_values_names_its_own_fields(tmp_path):
+    loramoe.save_adapter(_trained(tiny_llama(), LoraConfig(r=4, alpha=8)), tmp_path)
+    _edit_config(tmp_path, lambda d: d.pop("loramoe"))  # what PEFT itself writes
+    assert loramoe.adapter_config(loramoe.load_adapter(tiny_llama(), tmp_path)).alpha == 8
+    for field, value, message in [("r", "4", "must be of type int"), ("lora_alpha", NAN, "must be finite"),
+                                  ("lora_dropout", None, "must be of type float"),
+                                  ("target_modules", "q_proj", "expected a non-empty list"),
+                                  ("use_rslora", True, "rank-stabilised scaling is a PEFT LoRA variant"),
+                                  ("use_dora", True, "DoRA is a PEFT LoRA variant"),
+                                  ("rank_pattern", {"up_proj": 8}, "per-module ranks is a PEFT LoRA variant")]:
+        edited = tmp_path / field
+        edited.mkdir()
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            (edited / name).write_bytes((tmp_path / name).read_bytes())
+        _edit_config(edited, lambda d, field=field, value=value: d.update({field: value}))
+        with pytest.raises(AdapterLoadError, match=f"field '{field}': {message}"):
+            loramoe.load_adapter(tiny_llama(), edited)
+
+
+def test_integer_tensors_are_refused(tmp_path):
+    loramoe.save_adapter(_trained(tiny_llama(), LoraConfig(r=4, alpha=8)), tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].to(torch.int32)
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(AdapterLoadError, match=f"key '{key}' holds torch.int32 values, not floating point"):
+        loramoe.load_adapter(tiny_llama(), tmp_path)
+
+
+def _llama_like(**changes) -> LlamaForCausalLM:
+    config = tiny_llama().config
+    for name, value in changes.items():
+        setattr(config, name, value)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_an_adapter_is_refused_by_a_model_of_other_sizes(saved_loramoe):
+    with pytest.raises(AdapterLoadError, match="field 'base_model.num_hidden_layers': the adapter was trained on "
+                                               "a model with num_hidden_layers=2, this model has 3"):
+        loramoe.load_adapter(_llama_like(num_hidden_layers=3), saved_loramoe)
+    attached = loramoe.attach(_llama_like(vocab_size=101), LoraMoEConfig(num_experts=4, r=2))
+    with pytest.raises(AdapterLoadError, match="vocab_size=97, this model has 101"):
+        loramoe.load_adapter(attached, saved_loramoe)
+
+
+def test_the_recorded_base_model_does_not_refuse_another_path_or_a_missing_record(saved_loramoe):
+    _edit_config(saved_loramoe, lambda d: d["base_model"].update(name_or_path="/elsewhere/a-local-copy"))
+    loramoe.load_adapter(tiny_llama(), saved_loramoe)
+    _edit_config(saved_loramoe, lambda d: d["base_model"].pop("intermediate_size"))
+    loramoe.load_adapter(tiny_llama(), saved_loramoe)
+    _edit_config(saved_loramoe, lambda d: d.pop("base_model"))
+    loramoe.load_adapter(tiny_llama(), saved_loramoe)
+    model = tiny_llama()
+    del model.config.vocab_size  # a config without the field: nothing to compare with
+    loramoe.load_adapter(model, saved_loramoe)
+
+
+def test_configs_built_in_python_check_their_types():
+    with pytest.raises(ValueError, match="r must be of type int, got '4'"):
+        LoraConfig(r="4")
+    with pytest.raises(ValueError, match="alpha must be finite, got nan"):
+        TiedLoraConfig(alpha=NAN)
+    with pytest.raises(ValueError, match=r"num_experts must be of type int \| None, got False"):
+        LoraMoEConfig(num_experts=False)
+    assert LoraConfig(alpha=16, target_modules=("q_proj", "v_proj")).scale == 2.0  # an int for a float, a tuple for a list
 
 
 def test_training_fields_round_trip_and_older_files_without_them_load(tmp_path):

@@ -103,7 +103,7 @@ def test_config_file_keys_equal_the_flags(tiny_model_dir, data_file, tmp_path):
 
 
 def test_full_fine_tuning_saves_the_model(tiny_model_dir, data_file, tmp_path):
-    summary = train(**_common(tiny_model_dir, data_file, method="full", save_steps=10), output=tmp_path)
+    summary = train(**_common(tiny_model_dir, data_file, method="full", dropout=None, save_steps=10), output=tmp_path)
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "tokenizer.json").is_file()
     assert summary["trainable_parameters"] == summary["total_parameters"]
 

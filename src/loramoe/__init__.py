@@ -2,8 +2,16 @@
 
 from loramoe import models
 from loramoe.adapters import LoraConfig, LoraMoEConfig, MergeError, TiedLoraConfig
-from loramoe.attach import (adapter_config, adapter_layers, attach, detach, disabled_adapters, merge,
-                            trainable_parameters, unmerge)
+from loramoe.attach import (
+                            adapter_config,
+                            adapter_layers,
+                            attach,
+                            detach,
+                            disabled_adapters,
+                            merge,
+                            trainable_parameters,
+                            unmerge,
+)
 from loramoe.export import export_lora
 from loramoe.routing import capture_routing
 from loramoe.serialization import AdapterLoadError, load_adapter, save_adapter

@@ -15,6 +15,7 @@ from typing import TypeVar
 from torch import nn
 
 from loramoe.adapters import LAYER_CLASSES, AdapterConfig, AdapterLayer
+from loramoe.errors import UsageError
 from loramoe.targets import find_targets
 
 M = TypeVar("M", bound=nn.Module)
@@ -47,7 +48,7 @@ def attach_paths(model: M, config: AdapterConfig, paths: list[str]) -> M:
     _require_no_adapter(model)
     layer_class = LAYER_CLASSES.get(config.method)
     if layer_class is None:
-        raise ValueError(f"unknown adapter method {config.method!r}; known: {sorted(LAYER_CLASSES)}")
+        raise UsageError(f"unknown adapter method {config.method!r}; known: {sorted(LAYER_CLASSES)}")
     bases = {path: model.get_submodule(path) for path in paths}
     layers = layer_class.build_layers(bases, config)  # may refuse the targets: before the model changes
     setattr(model, _REQUIRES_GRAD_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
@@ -64,7 +65,7 @@ def detach(model: M, *, merged: bool = False) -> M:
     the adapter is first folded into the base weights (LoRA-like kinds only), so the returned
     plain model computes what the adapted one did."""
     if adapter_config(model) is None:
-        raise ValueError("model has no loramoe adapter to detach")
+        raise UsageError("model has no loramoe adapter to detach")
     layers = list(adapter_layers(model))
     if merged:
         for _, layer in layers:
@@ -87,7 +88,7 @@ def merge(model: M) -> M:
     exactly). Raises MergeError for LoRAMoE, whose router depends on the input."""
     layers = [layer for _, layer in adapter_layers(model)]
     if not layers:
-        raise ValueError("model has no loramoe adapter to merge")
+        raise UsageError("model has no loramoe adapter to merge")
     for layer in layers:  # one kind per model: a kind that can't merge fails on the first layer, unchanged
         layer.merge()
     return model
@@ -137,7 +138,7 @@ def trainable_parameters(model: nn.Module) -> ParameterCount:
 
 def _require_no_adapter(model: nn.Module) -> None:
     if adapter_config(model) is not None:
-        raise ValueError(f"model already has a {adapter_config(model).method} adapter; detach() it first")
+        raise UsageError(f"model already has a {adapter_config(model).method} adapter; detach() it first")
 
 
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:

@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from loramoe.errors import UsageError
+
 EPS = 1e-10
 UNTYPED = -1
 IMPORTANCE_MODES = ("mean", "sum")
@@ -45,7 +47,7 @@ def sample_importance(gate_sums: Tensor, token_counts: Tensor, mode: str) -> Ten
     if mode == "sum":
         return gate_sums
     if mode != "mean":
-        raise ValueError(f"importance mode must be one of {IMPORTANCE_MODES}, got {mode!r}")
+        raise UsageError(f"importance mode must be one of {IMPORTANCE_MODES}, got {mode!r}")
     return gate_sums / token_counts.to(gate_sums.dtype).clamp(min=1).unsqueeze(-1)
 
 
@@ -105,7 +107,7 @@ def group_routing_loss(importance: Tensor, sample_types: Tensor, expert_groups: 
     skipped; expert_groups: (E,). A batch without a typed sample gives a zero that keeps the graph.
     Returns a float32 scalar."""
     if num_groups < 2:
-        raise ValueError(f"group_routing_loss needs at least 2 groups, got {num_groups}")
+        raise UsageError(f"group_routing_loss needs at least 2 groups, got {num_groups}")
     sample_types = sample_types.to(importance.device)
     typed = (sample_types >= 0) & (sample_types < num_groups)
     per_group = group_mass(importance, expert_groups, num_groups)  # (M, G)

@@ -7,6 +7,7 @@ list flags take their values one after another (``--data a.jsonl b.csv``)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import typing
@@ -16,6 +17,7 @@ import yaml
 from jsonargparse import auto_cli, set_loader
 
 from loramoe.demo import run_demo
+from loramoe.errors import LoramoeError
 from loramoe.evaluate import evaluate
 from loramoe.lab import lab
 from loramoe.scaling import scaling
@@ -75,11 +77,25 @@ def _normalise_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a subcommand. The project's own errors (bad data, adapters, settings, missing or occupied
+    folders) print as one line, ``loramoe: error: <message>``, with exit code 1; ``--debug``, anywhere
+    on the line, or ``LORAMOE_DEBUG=1`` lets them show their traceback. Other exceptions are bugs,
+    and show theirs."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("LORAMOE_DEBUG", "").lower() not in ("", "0", "false", "no")
+    argv = [arg for arg in argv if arg != "--debug"]
     set_loader("loramoe_yaml", _load_config)
-    args = _normalise_flags(sys.argv[1:] if argv is None else argv)
+    args = _normalise_flags(argv)
     if args[:1] == ["lab"]:  # the lab's settings file is not a file of its flags (jsonargparse's --config)
         args = [re.sub(r"^--config(?==|$)", "--lab_config", arg) for arg in args]
-    auto_cli(COMMANDS, args=args, as_positional=False, parser_mode="loramoe_yaml")
+    try:
+        auto_cli(COMMANDS, args=args, as_positional=False, parser_mode="loramoe_yaml")
+    except LoramoeError as error:
+        if debug:
+            raise
+        message = " ".join(str(error).split("\n"))
+        print(f"loramoe: error: {message} (--debug shows where)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import csv
 import json
 import os
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from loramoe.errors import LoramoeError, UsageError
 
 PLAIN_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 """The prompt of a user turn for tokenizers without a chat template (the response follows it)."""
@@ -58,7 +61,7 @@ _FEATURES = datasets.Features({
 })
 
 
-class DataError(ValueError):
+class DataError(LoramoeError, ValueError):
     """Bad training data. The message starts with where (``path:line``, 1-based, for JSON Lines and
     CSV; ``path[i]``, 0-based, for JSON arrays, Parquet and lists) and names the field."""
 
@@ -246,15 +249,17 @@ def tokenize_records(records: Sequence[Record], tokenizer: PreTrainedTokenizerBa
     """Columns: ``input_ids``, ``attention_mask``, ``labels`` (``IGNORE_INDEX`` on the prompt) and
     ``sample_type`` (``type_ids[type]``, or -1 for untyped records and types not in ``type_ids``).
 
-    With ``require_types`` every record's type must be in ``type_ids`` (else DataError). Longer
+    With ``require_types`` every record's type must be in ``type_ids`` (else DataError); without
+    it, records of a type ``type_ids`` lacks train untyped, and one warning counts them per type
+    (when ``type_ids`` is given: only LoRAMoE's groups claim types). Longer
     sequences than ``max_length`` keep their start, and one warning says how many were cut. A sample
     whose prompt fills ``max_length`` keeps no label, so it is dropped, and the warning counts it: a
     batch of only such samples would have a loss of 0/0, which is no divergence. If every sample is
     dropped, DataError.
     """
     if max_length < 1:
-        raise ValueError(f"max_length must be at least 1, got {max_length}")
-    type_ids = dict(type_ids or {})
+        raise UsageError(f"max_length must be at least 1, got {max_length}")
+    grouped, type_ids = type_ids is not None, dict(type_ids or {})
     if require_types:
         known = ", ".join(sorted(type_ids)) or "none"
         for record in records:
@@ -262,6 +267,13 @@ def tokenize_records(records: Sequence[Record], tokenizer: PreTrainedTokenizerBa
                 problem = ("is missing" if record.type is None
                            else f"is '{record.type}', which no expert group claims")
                 raise DataError(f"{record.source}: field 'type' {problem}; known types: {known}")
+    unclaimed = Counter(record.type for record in records if record.type is not None and record.type not in type_ids)
+    if unclaimed and grouped:
+        counts = ", ".join(f"'{name}': {n}" for name, n in unclaimed.most_common())
+        claimed = ", ".join(type_ids) or "none (the experts form one pool without groups)"
+        warnings.warn(f"{sum(unclaimed.values())} of {len(records)} records have a type that no expert group "
+                      f"claims ({counts}); they train untyped. Groups: {claimed}. --require-types makes this an "
+                      "error.", stacklevel=2)
     columns: dict[str, list] = {name: [] for name in _FEATURES}
     truncated = unlabelled = 0
     for record in records:
@@ -306,7 +318,7 @@ def _encode(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) 
         # the template renders the history differently once an answer follows (some drop earlier
         # reasoning): train on the prompt as generation will see it, then the response and EOS
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token to end responses with; set tokenizer.eos_token")
+        raise UsageError("the tokenizer has no EOS token to end responses with; set tokenizer.eos_token")
     response = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
     return prompt + response + [tokenizer.eos_token_id], len(prompt)
 
@@ -331,7 +343,7 @@ class DataCollator:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None):
         if tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token "
+            raise UsageError("the tokenizer has no pad token; set tokenizer.pad_token "
                              "(loramoe.models.load uses the EOS token)")
         self.pad_token_id = tokenizer.pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of

@@ -19,6 +19,7 @@ from loramoe import models
 from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import attach, disabled_adapters, trainable_parameters
 from loramoe.data import DataCollator, encode_prompt, read_records, tokenize_records
+from loramoe.fileio import ensure_writable_folder
 from loramoe.generation import generate
 from loramoe.routing import capture_routing
 from loramoe.serialization import load_adapter, save_adapter
@@ -55,6 +56,7 @@ def run_demo(model: str = "smollm2-135m", steps: int = 12, lr: float = 3e-4, bat
         max_new_tokens: tokens generated per prompt.
         seed: random seed for initialisation and data order.
     """
+    ensure_writable_folder(output, "--output")
     torch.manual_seed(seed)
     start = time.time()
     base, tokenizer = models.load(model)

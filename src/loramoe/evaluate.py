@@ -19,13 +19,14 @@ import torch
 from loramoe import models
 from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import adapter_config, disabled_adapters
-from loramoe.fileio import atomic_write_text
+from loramoe.data import read_records
+from loramoe.errors import UsageError
+from loramoe.fileio import atomic_write_text, ensure_writable_folder
 from loramoe.forgetting import distribution_shift, knowledge_change, parameter_drift, summarize_drift
 from loramoe.generation import generate
 from loramoe.metrics import lm_loss, per_item, score
 from loramoe.router_analysis import gate_shares, group_share, save_gate_shares
 from loramoe.serialization import load_adapter
-from loramoe.data import read_records
 from loramoe.suites import filter_overlap, load_suite
 from loramoe.suites.base import Benchmark, PromptStyle
 from loramoe.suites.registry import benchmark_names, canonical_suite
@@ -90,11 +91,14 @@ def load_benchmarks(suite: str, limit: Limit = None, seed: int = 0) -> list[Benc
     its limit (an int for all, or a mapping from suite or benchmark name to a limit). Benchmarks of
     one suite with one limit are built together: building a suite builds all of its benchmarks."""
     names = [name.strip() for name in suite.split(",") if name.strip()]
+    if not names:
+        raise UsageError(f"--suite {suite!r} names nothing: give suites (knowledge, tasks, lm-loss) or benchmark "
+                         "names, comma-separated")
     if isinstance(limit, dict):
         known = {*benchmark_names(), "knowledge", "tasks", "lm-loss"}
         unknown = sorted(key for key in limit if key not in known)
         if unknown:
-            raise ValueError(f"--limit names unknown suites or benchmarks: {', '.join(unknown)}")
+            raise UsageError(f"--limit names unknown suites or benchmarks: {', '.join(unknown)}")
     built: dict[tuple[str, int | None], dict[str, Benchmark]] = {}
     out = []
     for name in names:
@@ -122,23 +126,49 @@ def _without_overlap(benchmarks: list[Benchmark], train_data: Sequence[str]) -> 
 
 
 def _read_base_eval(path: Path, benchmarks: list[Benchmark]) -> dict[str, Any]:
-    """The base model's entries of an earlier eval.json, checked to cover the very same test items."""
+    """The base model's entries of an earlier eval.json, checked to cover the very same test items
+    and to hold every field the comparison reads, so that a wrong file is one error line here."""
+    where = f"--base-eval {path}"
     try:
-        saved = json.loads(Path(path).read_text())["benchmarks"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"--base-eval {path}: not a readable eval.json ({error})") from error
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: not UTF-8, or not JSON
+        raise UsageError(f"{where}: not a readable eval.json ({error})") from error
+    saved = document.get("benchmarks") if isinstance(document, dict) else None
+    if not isinstance(saved, dict):
+        raise UsageError(f"{where}: not an eval.json (a JSON object whose 'benchmarks' maps names to results)")
     for bench in benchmarks:
-        if bench.metric == "lm_loss":
-            continue
-        entry = saved.get(bench.name)
-        if entry is None or "items" not in entry:
-            raise ValueError(f"--base-eval {path}: no items for benchmark '{bench.name}'")
-        ids = [item["id"] for item in entry["items"]]
-        if ids != [e.id for e in bench.test]:
-            raise ValueError(f"--base-eval {path}: benchmark '{bench.name}' was scored on other test items "
-                             f"({len(ids)} there, {len(bench.test)} here); use the same suite, limit, seed "
-                             f"and training data")
+        if bench.metric != "lm_loss":
+            _check_base_entry(saved.get(bench.name), bench, where)
     return saved
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_base_entry(entry: Any, bench: Benchmark, where: str) -> None:
+    """``entry`` holds numeric scores and, for each test item of ``bench`` in order, its id, its
+    prediction and the score that counts it right."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("items"), list):
+        raise UsageError(f"{where}: no items for benchmark '{bench.name}'")
+    where = f"{where}: benchmark '{bench.name}'"
+    scores = entry.get("scores")
+    if not isinstance(scores, dict) or not all(_is_number(v) for v in scores.values()):
+        raise UsageError(f"{where}: 'scores' must map metric names to numbers")
+    wanted = {"id": "a string", "prediction": "a string"}
+    if bench.metric in CORRECT:
+        wanted[CORRECT[bench.metric]] = "a number"
+    for i, item in enumerate(entry["items"]):
+        if not isinstance(item, dict):
+            raise UsageError(f"{where}: item {i} is not a JSON object")
+        for key, kind in wanted.items():
+            value = item.get(key)
+            if not (_is_number(value) if kind == "a number" else isinstance(value, str)):
+                raise UsageError(f"{where}: item {i}: '{key}' must be {kind}, got {value!r}")
+    ids = [item["id"] for item in entry["items"]]
+    if ids != [e.id for e in bench.test]:
+        raise UsageError(f"{where} was scored on other test items ({len(ids)} there, {len(bench.test)} here); "
+                         f"use the same suite, limit, seed and training data")
 
 
 def evaluate(
@@ -181,6 +211,10 @@ def evaluate(
         trust_remote_code: allow a hub model's own code to run.
     """
     started = time.time()
+    output = ensure_writable_folder(output, "--output")  # before the generation it would store
+    benchmarks = load_benchmarks(suite, limit, seed)
+    overlap = _without_overlap(benchmarks, train_data) if train_data else {}
+    saved_base = _read_base_eval(base_eval, benchmarks) if base_eval is not None else None
     torch.manual_seed(seed)
     tuned, tokenizer = models.load(model, trust_remote_code=trust_remote_code)
     if adapter is not None:
@@ -189,17 +223,14 @@ def evaluate(
     vs_base = vs_base or base_eval is not None
     if vs_base and adapter_config(tuned) is None:
         if base_model is None:
-            raise ValueError("--vs-base on a model without an adapter needs --base-model")
+            raise UsageError("--vs-base on a model without an adapter needs --base-model")
         reference, _ = models.load(base_model, trust_remote_code=trust_remote_code)
     tuned.eval()
 
-    benchmarks = load_benchmarks(suite, limit, seed)
     results: dict[str, Any] = {"model": model, "adapter": str(adapter) if adapter else None, "suite": suite,
                                "benchmarks": {}}
-    overlap = _without_overlap(benchmarks, train_data) if train_data else {}
-    saved_base = _read_base_eval(base_eval, benchmarks) if base_eval is not None else None
     styles = {b.name: prompt_style or b.prompt_style for b in benchmarks}
-    settings = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length)
+    settings = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "max_length": max_length}
     tuned_scores = _score_all(tuned, tokenizer, benchmarks, styles, base=False, **settings)
     base_scores = None
     if vs_base and saved_base is None:
@@ -227,8 +258,6 @@ def evaluate(
                     item["base_prediction"] = base_item["prediction"]
         results["benchmarks"][bench.name] = entry
 
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     config = adapter_config(tuned)
     if config is not None:
         results["drift"] = summarize_drift(parameter_drift(tuned))

@@ -15,6 +15,7 @@ from torch import nn
 
 from loramoe.adapters import LoraConfig, MergeError, TiedLoraConfig
 from loramoe.attach import adapter_config, adapter_layers
+from loramoe.errors import UsageError
 from loramoe.serialization import disk_key, save_adapter, write_adapter_folder
 
 
@@ -23,7 +24,7 @@ def export_lora(model: nn.Module, directory: str | os.PathLike) -> Path:
     back as a ``lora`` adapter). LoRA is saved as it is; LoRAMoE raises MergeError."""
     config = adapter_config(model)
     if config is None:
-        raise ValueError("model has no loramoe adapter to export")
+        raise UsageError("model has no loramoe adapter to export")
     if isinstance(config, LoraConfig):
         return save_adapter(model, directory)
     if not isinstance(config, TiedLoraConfig):

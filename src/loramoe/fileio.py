@@ -13,6 +13,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from loramoe.errors import OutputFolderError
+
+WRITE_CHECK = ".loramoe-write-check."
+"""The name prefix of the file :func:`ensure_writable_folder` creates and deletes."""
+
 
 def umask_mode(folder: bool = False) -> int:
     """The mode ``open`` (or, with ``folder``, ``mkdir``) gives a new file under the current umask."""
@@ -38,3 +43,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def ensure_writable_folder(path: str | os.PathLike, flag: str) -> Path:
+    """Create ``path`` (and its parents) if needed and check that files can be written in it, so
+    that a command fails before its work rather than when it saves the result."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputFolderError(f"{flag} {path}: not a folder (a file of that name exists)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=WRITE_CHECK)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputFolderError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    return path

@@ -22,8 +22,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from loramoe.adapters import LoraMoELinear
-from loramoe.adapters.base import AdapterLayer, MergeError, SUPPORTED_BASE_LAYERS
+from loramoe.adapters.base import SUPPORTED_BASE_LAYERS, AdapterLayer, MergeError
 from loramoe.attach import adapter_config, adapter_layers, disabled_adapters
+from loramoe.errors import UsageError
 
 
 def knowledge_change(base: Mapping[str, bool], tuned: Mapping[str, bool]) -> dict:
@@ -31,7 +32,7 @@ def knowledge_change(base: Mapping[str, bool], tuned: Mapping[str, bool]) -> dic
     drop, and the ids of facts lost (right before, wrong after) and gained."""
     missing = sorted(set(base) ^ set(tuned))
     if missing:
-        raise ValueError(f"base and tuned results cover different questions, e.g. {missing[0]!r}")
+        raise UsageError(f"base and tuned results cover different questions, e.g. {missing[0]!r}")
     ids = sorted(base)
     lost = [i for i in ids if base[i] and not tuned[i]]
     gained = [i for i in ids if tuned[i] and not base[i]]
@@ -82,7 +83,7 @@ def distribution_shift(model: nn.Module, tokenizer, texts: Sequence[str], *, bas
     difference (``lm_loss_increase``). Adapters are switched off for the base pass; a fully
     fine-tuned model needs ``base_model``."""
     if base_model is None and adapter_config(model) is None:
-        raise ValueError("distribution_shift: the model has no adapter to switch off; pass base_model")
+        raise UsageError("distribution_shift: the model has no adapter to switch off; pass base_model")
     was_training, padding_side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "right"  # positions count from each text's first token
@@ -126,7 +127,7 @@ def _effective_delta(layer: AdapterLayer) -> tuple[Tensor, dict]:
     try:
         return layer.delta_weight().float(), {}
     except MergeError:
-        raise ValueError(f"{type(layer).__name__} has no weight update to measure") from None
+        raise UsageError(f"{type(layer).__name__} has no weight update to measure") from None
 
 
 @torch.no_grad()
@@ -150,7 +151,7 @@ def parameter_drift(model: nn.Module, base_state: Mapping[str, Tensor] | None = 
             rows.append(row)
         return rows
     if base_state is None:
-        raise ValueError("parameter_drift: the model has no adapter; pass the base model's state_dict as base_state")
+        raise UsageError("parameter_drift: the model has no adapter; pass the base model's state_dict as base_state")
     for path, module in model.named_modules():
         if isinstance(module, SUPPORTED_BASE_LAYERS):
             w0 = base_state[f"{path}.weight"].float().to(module.weight.device)

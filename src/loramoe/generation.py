@@ -29,10 +29,16 @@ from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import (GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria,
-                          StoppingCriteriaList)
+from transformers import (
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from loramoe.data import encode_prompt
+from loramoe.errors import UsageError
 from loramoe.suites.base import Example, PromptStyle
 
 
@@ -43,9 +49,9 @@ def prompt_ids(example: Example, tokenizer: PreTrainedTokenizerBase, style: Prom
     elif style == "completion":
         ids = tokenizer(example.completion if example.completion is not None else example.prompt)["input_ids"]
     else:
-        raise ValueError(f"unknown prompt style '{style}'; use 'completion' or 'chat'")
+        raise UsageError(f"unknown prompt style '{style}'; use 'completion' or 'chat'")
     if not ids:
-        raise ValueError(f"example '{example.id}': its {style} prompt is empty after tokenization")
+        raise UsageError(f"example '{example.id}': its {style} prompt is empty after tokenization")
     return list(ids)
 
 
@@ -109,17 +115,17 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, example
     for all, or one per example: several benchmarks' prompts then share batches, and a batch of
     32 costs about what a batch of 4 does on a CPU. See the module docstring."""
     if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"max_new_tokens and batch_size must be at least 1, "
+        raise UsageError(f"max_new_tokens and batch_size must be at least 1, "
                          f"got {max_new_tokens} and {batch_size}")
     styles = [style] * len(examples) if isinstance(style, str) else list(style)
     if len(styles) != len(examples):
-        raise ValueError(f"{len(styles)} prompt styles for {len(examples)} examples")
+        raise UsageError(f"{len(styles)} prompt styles for {len(examples)} examples")
     prompts = [prompt_ids(example, tokenizer, s) for example, s in zip(examples, styles)]
     stop_ids = _stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:  # its value never matters: padding is masked, and answers end before any filler
         if not stop_ids:
-            raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+            raise UsageError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
         pad_id = stop_ids[0]
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
                               no_repeat_ngram_size=0, eos_token_id=stop_ids or None, pad_token_id=pad_id)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loramoe.adapters import LoraMoELinear
+from loramoe.errors import UsageError
 from loramoe.generation import left_pad
 from loramoe.routing import capture_routing
 
@@ -47,10 +48,10 @@ def continuation_logprobs(model: nn.Module, prompts: Sequence[list[int]],
     The model runs in eval mode (restored afterwards), under whatever autocast the caller set.
     ``prompt_routing`` also returns each LoRAMoE layer's mean gates over each prompt's tokens."""
     if len(prompts) != len(continuations):
-        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} lists of continuations")
+        raise UsageError(f"{len(prompts)} prompts but {len(continuations)} lists of continuations")
     for i, (prompt, options) in enumerate(zip(prompts, continuations)):
         if not prompt or not options or any(not c for c in options):
-            raise ValueError(f"prompt {i}: the prompt and every continuation need at least one token")
+            raise UsageError(f"prompt {i}: the prompt and every continuation need at least one token")
     routed = prompt_routing and any(isinstance(m, LoraMoELinear) for m in model.modules())
     out: list[list[list[float]]] = [[] for _ in prompts]
     gates: dict[str, list[tuple[list[int], Tensor]]] = {}

@@ -34,6 +34,7 @@ from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from loramoe.errors import UsageError
 from loramoe.suites.base import Example, Metric
 from loramoe.suites.text import normalize_answer
 
@@ -46,7 +47,7 @@ _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 def _aliases(answers: Answers) -> tuple[str, ...]:
     aliases = (answers,) if isinstance(answers, str) else tuple(answers)
     if not aliases:
-        raise ValueError("an item has no reference answer to score against")
+        raise UsageError("an item has no reference answer to score against")
     return aliases
 
 
@@ -94,9 +95,9 @@ def label_match(prediction: str, answers: Answers, choices: Sequence[str] = ()) 
 
 def _check_lengths(predictions: Sequence[str], references: Sequence[object]) -> None:
     if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+        raise UsageError(f"{len(predictions)} predictions for {len(references)} references")
     if not predictions:
-        raise ValueError("nothing to score: no predictions")
+        raise UsageError("nothing to score: no predictions")
 
 
 def accuracy(predictions: Sequence[str], labels: Sequence[Answers],
@@ -105,7 +106,7 @@ def accuracy(predictions: Sequence[str], labels: Sequence[Answers],
     allowed labels of item i."""
     _check_lengths(predictions, labels)
     if choices is not None and len(choices) != len(labels):
-        raise ValueError(f"{len(choices)} choice lists for {len(labels)} labels")
+        raise UsageError(f"{len(choices)} choice lists for {len(labels)} labels")
     per_choice = choices if choices is not None else [()] * len(labels)
     return sum(map(label_match, predictions, labels, per_choice)) / len(predictions)
 
@@ -168,8 +169,8 @@ def score(metric: Metric, predictions: Sequence[str], examples: Sequence[Example
 
 def _not_generative(metric: str) -> NoReturn:
     if metric == "lm_loss":
-        raise ValueError("metric 'lm_loss' scores text, not answers: use loramoe.metrics.lm_loss")
-    raise ValueError(f"unknown metric '{metric}'; use qa, rouge, translation, accuracy or lm_loss")
+        raise UsageError("metric 'lm_loss' scores text, not answers: use loramoe.metrics.lm_loss")
+    raise UsageError(f"unknown metric '{metric}'; use qa, rouge, translation, accuracy or lm_loss")
 
 
 def lm_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *,
@@ -180,12 +181,12 @@ def lm_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: S
     texts of similar length, right-padded; padding is masked out, so the result does not depend on
     the batch size (up to float rounding)."""
     if batch_size < 1 or max_length < 2:
-        raise ValueError(f"batch_size must be at least 1 and max_length at least 2, "
+        raise UsageError(f"batch_size must be at least 1 and max_length at least 2, "
                          f"got {batch_size} and {max_length}")
     encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts]
     encoded = sorted((ids for ids in encoded if len(ids) > 1), key=len, reverse=True)  # others predict nothing
     if not encoded:
-        raise ValueError("no token to predict: every text is empty or a single token")
+        raise UsageError("no token to predict: every text is empty or a single token")
     total, tokens = 0.0, 0
     was_training = model.training
     model.eval()

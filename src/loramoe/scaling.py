@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -37,7 +38,8 @@ from loramoe import models
 from loramoe.adapters import LoraConfig
 from loramoe.attach import attach
 from loramoe.data import IGNORE_INDEX, DataCollator, read_records, tokenize_records
-from loramoe.fileio import atomic_write_text
+from loramoe.errors import UsageError
+from loramoe.fileio import atomic_write_text, ensure_writable_folder
 from loramoe.forgetting import distribution_shift
 from loramoe.scaling_report import write_report
 from loramoe.suites import load_suite, to_training_records
@@ -73,7 +75,7 @@ def heldout_loss(model: torch.nn.Module, dataset, collator: DataCollator, batch_
     finally:
         model.train(was_training)
     if count == 0:
-        raise ValueError("the held-out fine-tuning records have no answer tokens to score")
+        raise UsageError("the held-out fine-tuning records have no answer tokens to score")
     return total / count
 
 
@@ -111,10 +113,10 @@ def general_texts(text: Path | None, count: int) -> list[str]:
         return [example.prompt for example in load_suite("lm-loss")[0].test[:count]]
     path = Path(text)
     if not path.is_file():
-        raise ValueError(f"--text {path}: no such file")
+        raise UsageError(f"--text {path}: no such file")
     paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
     if not paragraphs:
-        raise ValueError(f"--text {path}: no text (paragraphs are separated by blank lines)")
+        raise UsageError(f"--text {path}: no text (paragraphs are separated by blank lines)")
     return paragraphs[:count]
 
 
@@ -140,7 +142,7 @@ def fine_tuning_data(data: Sequence[str] | None, folder: Path, tokenizer, *, max
         examples = [e for bench in load_suite("tasks", seed=seed) for e in bench.train]
         rows = _fitting(to_training_records(examples, type="task", seed=seed), tokenizer, max_length)
     if len(rows) <= heldout:
-        raise ValueError(f"{len(rows)} fine-tuning records: need more than --heldout {heldout}")
+        raise UsageError(f"{len(rows)} fine-tuning records: need more than --heldout {heldout}")
 
     def rank(index: int) -> bytes:
         return hashlib.sha256(f"{seed}:heldout:{index}".encode()).digest()
@@ -166,6 +168,7 @@ def _run_one(settings: dict[str, Any], folder: Path, make_probe: Callable[[], Fo
         if run.get("settings") == settings:
             return run
     probe = make_probe()
+    shutil.rmtree(folder, ignore_errors=True)  # an earlier run with other settings, or one cut off
     method, size = settings["method"], settings["size"]
     rank = settings["expert_rank"] if method == "loramoe" else size
     adapter = {} if method == "full" else {"rank": rank, "alpha": settings["scale"] * math.sqrt(rank),
@@ -248,14 +251,14 @@ def scaling(
                  heldout=heldout, max_length=max_length, batch_size=batch_size)
     opts = {key: preset[key] if value is None else value for key, value in given.items()}
     if not method:
-        raise ValueError("--method: give at least one method")
+        raise UsageError("--method: give at least one method")
     if not opts["ranks"] or any(r < 1 for r in opts["ranks"]):
-        raise ValueError(f"--ranks must be positive sizes, got {opts['ranks']}")
+        raise UsageError(f"--ranks must be positive sizes, got {opts['ranks']}")
     if opts["steps"] < 1 or not 1 <= opts["eval_every"] <= opts["steps"]:
-        raise ValueError(f"--eval-every must be in [1, --steps]; got {opts['eval_every']} and {opts['steps']}")
+        raise UsageError(f"--eval-every must be in [1, --steps]; got {opts['eval_every']} and {opts['steps']}")
     exclude = opts["steps"] // 5 if exclude_steps is None else exclude_steps
     started = time.time()
-    output = Path(output)
+    output = ensure_writable_folder(output, "--output")  # before hours of work, not after
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

@@ -32,6 +32,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import optimize, stats
 
+from loramoe.errors import UsageError
+
 _POWER_NAMES = ("a", "alpha", "b", "beta", "rho")
 _EXPONENT_STARTS = (0.05, 0.3, 1.0)
 _RHO_STARTS = (0.5, 2.0, 8.0)
@@ -91,25 +93,25 @@ class PowerLawFit:
 def _as_array(name: str, values: ArrayLike) -> np.ndarray:
     array = np.asarray(values, dtype=float)
     if array.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D series, got shape {array.shape}")
+        raise UsageError(f"{name} must be a 1-D series, got shape {array.shape}")
     bad = np.flatnonzero(~np.isfinite(array))
     if bad.size:
-        raise ValueError(f"{name} holds a non-finite value ({array[bad[0]]}) at index {bad[0]}")
+        raise UsageError(f"{name} holds a non-finite value ({array[bad[0]]}) at index {bad[0]}")
     return array
 
 
 def _check_series(n_params: int, **series: np.ndarray) -> None:
     lengths = {name: len(values) for name, values in series.items()}
     if len(set(lengths.values())) != 1:
-        raise ValueError(f"series of different lengths: {lengths}")
+        raise UsageError(f"series of different lengths: {lengths}")
     n = next(iter(lengths.values()))
     if n <= n_params:
-        raise ValueError(f"{n} points for a law with {n_params} parameters: need at least {n_params + 1}")
+        raise UsageError(f"{n} points for a law with {n_params} parameters: need at least {n_params + 1}")
 
 
 def _check_varies(name: str, values: np.ndarray) -> None:
     if np.ptp(values) <= 1e-12 * max(1.0, float(np.abs(values).max())):
-        raise ValueError(f"{name} is constant ({values[0]}): nothing to fit")
+        raise UsageError(f"{name} is constant ({values[0]}): nothing to fit")
 
 
 def _r2(y: np.ndarray, residuals: np.ndarray) -> float:
@@ -168,7 +170,7 @@ def fit_power_law(params: ArrayLike, steps: ArrayLike, loss: ArrayLike) -> Power
     y = _as_array("loss", loss)
     _check_series(6, params=p, steps=n, loss=y)
     if (p <= 0).any() or (n <= 0).any():
-        raise ValueError("params and steps must be positive (exclude step 0 before fitting)")
+        raise UsageError("params and steps must be positive (exclude step 0 before fitting)")
     _check_varies("params", p)
     _check_varies("steps", n)
     _check_varies("loss", y)

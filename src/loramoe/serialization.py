@@ -3,8 +3,8 @@
 The format is a public contract, described in docs/format.md. LoRA is written in PEFT's own
 format so ``peft.PeftModel.from_pretrained`` loads it; Tied LoRA writes each shared tensor once.
 Loading validates everything (method,
-config, target modules, every key and shape) before it touches the model, and reads only
-safetensors, never pickle.
+config and the type of each of its values, the sizes of the model it was trained on, target modules,
+every key, shape and value) before it touches the model, and reads only safetensors, never pickle.
 """
 
 from __future__ import annotations
@@ -17,28 +17,34 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from loramoe.adapters import LAYER_CLASSES, AdapterConfig, LoraConfig, TiedLoraConfig
-from loramoe.adapters.base import SUPPORTED_BASE_LAYERS, layer_shape
+from loramoe.adapters.base import SUPPORTED_BASE_LAYERS, ConfigFieldError, layer_shape
 from loramoe.adapters.tied_lora import tie_name
 from loramoe.attach import adapter_config, adapter_layers, attach_paths
+from loramoe.errors import LoramoeError
 from loramoe.fileio import atomic_write, atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 _TIED_PREFIX = "tied."
-_BASE_MODEL_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                      "vocab_size", "n_embd", "n_inner", "n_layer")
+_BASE_MODEL_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "n_embd", "n_inner",
+                     "n_layer")
+_BASE_MODEL_FIELDS = ("model_type", *_BASE_MODEL_SIZES)
+_PEFT_FIELDS = {"r": ("r", 8), "alpha": ("lora_alpha", 8), "dropout": ("lora_dropout", 0.0)}
+"""PEFT's key and default for each LoraConfig field a plain PEFT file sets."""
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
 
 M = TypeVar("M", bound=nn.Module)
 
 
-class AdapterLoadError(ValueError):
+class AdapterLoadError(LoramoeError, ValueError):
     """A saved adapter does not fit the model, or its files are malformed."""
 
 
@@ -99,37 +105,90 @@ def write_adapter_folder(model: nn.Module, directory: str | os.PathLike, config:
 def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, list[str]]:
     """The config and the module paths of a saved adapter (loramoe's, or a plain PEFT LoRA)."""
     file = Path(directory) / CONFIG_NAME
+    return _parse_config(_read_document(file), file)
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise AdapterLoadError(f"{where}: expected a JSON object, found {_JSON_KINDS[type(value)]}")
+    return value
+
+
+def _read_document(file: Path) -> dict[str, Any]:
     if not file.is_file():
         raise AdapterLoadError(f"{file}: not found (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
-        document = json.loads(file.read_text())
+        return _object(json.loads(file.read_text(encoding="utf-8")), str(file))
+    except UnicodeDecodeError as e:
+        raise AdapterLoadError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except json.JSONDecodeError as e:
         raise AdapterLoadError(f"{file}, line {e.lineno}: invalid JSON: {e.msg}") from None
-    block = document.get("loramoe", document)
+
+
+def _parse_config(document: dict[str, Any], file: Path) -> tuple[AdapterConfig, list[str]]:
+    block = _object(document.get("loramoe", document), f"{file}: field 'loramoe'")
     if "method" in block:
         config_class = next((c.config_class for c in LAYER_CLASSES.values()
                              if c.config_class.method == block["method"]), None)
         if config_class is None:
             raise AdapterLoadError(f"{file}: field 'method': unknown adapter method {block['method']!r}")
-        fields = block.get("config", {})
+        fields = _object(block.get("config", {}), f"{file}: field 'config'")
         known = {f.name for f in dataclasses.fields(config_class)}
         unknown = sorted(set(fields) - known)
         if unknown:
             raise AdapterLoadError(f"{file}: field 'config': unknown {config_class.__name__} fields {unknown}")
-        paths = block.get("target_paths")
+        names = {name: f"config.{name}" for name in known}
+        paths_key = "target_paths"
     elif document.get("peft_type") == "LORA":
-        fields = {"r": document.get("r", 8), "alpha": document.get("lora_alpha", 8),
-                  "dropout": document.get("lora_dropout", 0.0)}
-        config_class, paths = LoraConfig, document.get("target_modules")
+        _refuse_peft_variants(document, file)
+        fields = {name: document.get(key, default) for name, (key, default) in _PEFT_FIELDS.items()}
+        names = {name: key for name, (key, _) in _PEFT_FIELDS.items()}
+        config_class, paths_key = LoraConfig, "target_modules"
     else:
         raise AdapterLoadError(f"{file}: field 'method': missing (and not a PEFT LoRA config)")
     try:
         config = config_class(**fields)
-    except (TypeError, ValueError) as e:
+    except ConfigFieldError as e:
+        raise AdapterLoadError(f"{file}: field '{names[e.field]}': {e.problem}") from None
+    except ValueError as e:
         raise AdapterLoadError(f"{file}: field 'config': {e}") from None
+    paths = block.get(paths_key)
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths) or not paths:
-        raise AdapterLoadError(f"{file}: field 'target_paths': expected a non-empty list of module paths")
+        raise AdapterLoadError(f"{file}: field '{paths_key}': expected a non-empty list of module paths")
     return config, paths
+
+
+_PEFT_VARIANTS = {"use_rslora": "rank-stabilised scaling", "use_dora": "DoRA", "rank_pattern": "per-module ranks",
+                  "alpha_pattern": "per-module alphas", "layers_to_transform": "a subset of layers",
+                  "modules_to_save": "fully trained extra modules"}
+"""PEFT LoRA options that change what the weights compute; loaded as plain LoRA they would give
+other outputs without a word, so a file that uses one is refused."""
+
+
+def _refuse_peft_variants(document: dict[str, Any], file: Path) -> None:
+    used = [key for key in _PEFT_VARIANTS if document.get(key) not in (None, False, {}, [])]
+    if used:
+        raise AdapterLoadError(f"{file}: field '{used[0]}': {_PEFT_VARIANTS[used[0]]} is a PEFT LoRA variant "
+                               "loramoe does not load (only plain LoRA)")
+
+
+def _check_base_model(model: nn.Module, block: dict[str, Any], file: Path) -> None:
+    """Refuse an adapter recorded as trained on a model of other sizes. Only sizes are compared: a
+    local copy of the model has another name_or_path, and a model type of the same layout (Mistral,
+    Llama) runs the adapter as well. A size missing on either side (PEFT records none) passes."""
+    if "base_model" not in block:
+        return
+    recorded = _object(block["base_model"], f"{file}: field 'base_model'")
+    config = getattr(model, "config", None)
+    for name in _BASE_MODEL_SIZES:
+        saved, current = recorded.get(name), getattr(config, name, None)
+        if saved is None:
+            continue
+        if not isinstance(saved, int) or isinstance(saved, bool):
+            raise AdapterLoadError(f"{file}: field 'base_model.{name}': must be an integer, got {saved!r}")
+        if current is not None and saved != current:
+            raise AdapterLoadError(f"{file}: field 'base_model.{name}': the adapter was trained on a model with "
+                                   f"{name}={saved}, this model has {current}")
 
 
 def _resolve_paths(model: nn.Module, paths: list[str], file: Path) -> list[str]:
@@ -147,10 +206,12 @@ def _resolve_paths(model: nn.Module, paths: list[str], file: Path) -> list[str]:
 def load_adapter(model: M, directory: str | os.PathLike) -> M:
     """Load a saved adapter into ``model``. A model without an adapter gets one attached from the
     saved config; a model with one must have the same method and config. Nothing is changed
-    unless every key and shape matches."""
+    unless every check passes (docs/format.md lists them)."""
     directory = Path(directory)
-    config, saved_paths = read_adapter_config(directory)
     config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    document = _read_document(config_file)
+    config, saved_paths = _parse_config(document, config_file)
+    _check_base_model(model, document.get("loramoe", document), config_file)
     if not weights_file.is_file():
         pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
         hint = f" ({', '.join(pickled)} found: pickle files are never read)" if pickled else ""
@@ -218,8 +279,14 @@ def _read_checked(file: Path, expected: dict[str, tuple[int, ...]]) -> dict[str,
                 if found != tuple(shape):
                     raise AdapterLoadError(f"{file}: key '{key}' has shape {list(found)}, "
                                            f"the model expects {list(shape)}")
-            return {key: f.get_tensor(key) for key in expected}
-    except AdapterLoadError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for a corrupt header
+            tensors = {key: f.get_tensor(key) for key in expected}
+    except (SafetensorError, OSError) as e:
         raise AdapterLoadError(f"{file}: not a readable safetensors file: {e}") from None
+    for key, tensor in tensors.items():  # a diverged run saves NaN, which would spread through every output
+        if not tensor.is_floating_point():
+            raise AdapterLoadError(f"{file}: key '{key}' holds {tensor.dtype} values, not floating point")
+        finite = torch.isfinite(tensor.float() if tensor.dtype.itemsize == 1 else tensor)  # no float8 kernel
+        if not finite.all():
+            raise AdapterLoadError(f"{file}: key '{key}' holds {tensor.numel() - int(finite.sum())} NaN or Inf "
+                                   f"values (of {tensor.numel()})")
+    return tensors

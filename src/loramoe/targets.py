@@ -7,6 +7,7 @@ import re
 from torch import nn
 
 from loramoe.adapters.base import SUPPORTED_BASE_LAYERS, AdapterLayer
+from loramoe.errors import LoramoeError
 
 _LLAMA_MLP = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
@@ -26,7 +27,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 section 1.1 "The layer")."""
 
 
-class TargetError(ValueError):
+class TargetError(LoramoeError, ValueError):
     """No module, or an unsupported module, matched the requested targets."""
 
 

@@ -15,21 +15,31 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import yaml
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainerState, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 
 from loramoe import models
-from loramoe.adapters import AdapterConfig, LoraConfig, LoraMoEConfig, TiedLoraConfig
+from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import attach, trainable_parameters
-from loramoe.fileio import atomic_write_text
 from loramoe.data import DataCollator, read_records, tokenize_records
+from loramoe.errors import OutputFolderError
+from loramoe.fileio import atomic_write_text
+from loramoe.run_folder import check_resume, clear, prepare_output, run_identity
 from loramoe.serialization import load_adapter, read_adapter_config
-from loramoe.trainer import LoraMoETrainer, TensorBoardLogs, complete_checkpoints, remove_incomplete_checkpoints
+from loramoe.train_settings import adapter_config, adapter_summary, check_init_adapter, check_settings, saved_config
+from loramoe.trainer import (
+    LoraMoETrainer,
+    TensorBoardLogs,
+    checkpoint_run,
+    complete_checkpoints,
+    finished_checkpoint,
+    remove_incomplete_checkpoints,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,19 +57,6 @@ def _precision(precision: Precision) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def _adapter_config(method: Method, rank: int | None, alpha: float | None, dropout: float | None,
-                    target_modules: list[str] | None, preset: str, loramoe: dict[str, Any]) -> AdapterConfig | None:
-    given = {k: v for k, v in dict(r=rank, alpha=alpha, dropout=dropout, target_modules=target_modules).items()
-             if v is not None}
-    if method == "lora":
-        return LoraConfig(**given)
-    if method == "tied-lora":
-        return TiedLoraConfig(**given, preset=preset)
-    if method == "loramoe":
-        return LoraMoEConfig(**given, **loramoe)
-    return None
-
-
 def train(
     data: list[str],
     model: str = "smollm2-135m",
@@ -69,16 +66,16 @@ def train(
     alpha: float | None = None,
     dropout: float | None = None,
     target_modules: list[str] | None = None,
-    preset: str = "TL6",
+    preset: str | None = None,
     num_experts: int | None = None,
     groups: dict[str, int] | None = None,
-    balance_delta: float = 0.1,
-    balance_weight: float = 0.1,
-    balance_importance: Importance = "mean",
-    route_weight: float = 0.0,
-    route_target: float = 0.9,
+    balance_delta: float | None = None,
+    balance_weight: float | None = None,
+    balance_importance: Importance | None = None,
+    route_weight: float | None = None,
+    route_target: float | None = None,
     require_types: bool = False,
-    max_steps: int = -1,
+    max_steps: int | None = None,
     epochs: float = 1.0,
     max_length: int = 1024,
     lr: float = 2e-4,
@@ -94,6 +91,7 @@ def train(
     save_total_limit: int | None = 2,
     logging_steps: int = 10,
     resume: bool = False,
+    overwrite: bool = False,
     init_adapter: Path | None = None,
     skip_bad_records: bool = False,
     seed: int = 0,
@@ -106,27 +104,30 @@ def train(
         data: training files (JSONL, JSON, CSV, Parquet) in the documented record format.
         model: ``smollm2-135m`` (embedded), a local folder or a Hugging Face hub id.
         method: ``loramoe``, ``lora``, ``tied-lora`` or ``full`` fine-tuning.
-        output: run folder (final adapter or model, config, summary, checkpoints, logs).
+        output: run folder (final adapter or model, config, summary, checkpoints, logs). It must be
+            empty or new, unless ``resume`` or ``overwrite``: a run folder holds one run.
         rank: adapter rank (LoRA and Tied LoRA default 8; LoRAMoE per expert, default 4).
         alpha: adapter scale numerator (LoRA default 16, LoRAMoE 32, Tied LoRA the rank).
         dropout: adapter input dropout (LoRA default 0, LoRAMoE 0.05).
         target_modules: module names or a regex; default the model's MLP projections.
-        preset: what Tied LoRA trains: TL6 (tied A, B and per-layer u, v), TL5 (tied A, B), vera
-            (u, v over frozen random A, B), or the trained tensors' letters such as Buv.
-        num_experts: LoRAMoE experts per projection (default: the sum of groups).
+        preset: what Tied LoRA trains: TL6 (tied A, B and per-layer u, v; the default), TL5 (tied
+            A, B), vera (u, v over frozen random A, B), or the trained tensors' letters such as Buv.
+        num_experts: LoRAMoE experts per projection (default: the sum of groups). Without
+            ``groups`` it makes one pool of experts with no groups (a warning says so).
         groups: LoRAMoE expert groups by sample type, e.g. {knowledge: 3, task: 3} (the default).
-        balance_delta: delta of the localized balancing constraint.
-        balance_weight: beta, the weight of the constraint (0 turns it off). It balances the
+        balance_delta: delta of the localized balancing constraint (default 0.1).
+        balance_weight: beta, the weight of the constraint (default 0.1; 0 turns it off). It balances the
             experts; it does not make a group specialise in its type (see docs/training.md).
         balance_importance: a sample's importance in the constraint: mean (gate sums over its
-            tokens divided by their count, so length does not enter) or sum (the raw sums).
+            tokens divided by their count, so length does not enter; the default) or sum (the raw sums).
         route_weight: weight of the routing objective, an extension beyond the paper that pulls
-            each typed sample's gate mass towards its own group (0, the default, turns it off).
+            each typed sample's gate mass towards its own group (default 0: off).
         route_target: share of a typed sample's gate mass the routing objective sends to its own
-            group, in (0, 1).
-        require_types: every record must have a type that an expert group claims.
-        max_steps: optimizer steps; -1 to run ``epochs`` epochs.
-        epochs: passes over the data when max_steps is -1.
+            group, in (0, 1) (default 0.9).
+        require_types: every record must have a type that an expert group claims (without it,
+            records of types no group claims train untyped, and one warning counts them).
+        max_steps: optimizer steps (at least 1); left out, ``epochs`` epochs.
+        epochs: passes over the data (above 0) when max_steps is left out.
         max_length: longest sequence in tokens; longer ones are truncated (with a warning).
         lr: peak learning rate.
         batch_size: sequences per device per micro-batch.
@@ -141,8 +142,12 @@ def train(
         save_steps: write a checkpoint every this many steps.
         save_total_limit: keep at most this many checkpoints (None keeps all).
         logging_steps: log every this many steps.
-        resume: continue from the last complete checkpoint in ``output/checkpoints``.
-        init_adapter: start from a saved adapter (sequential fine-tuning); its config wins.
+        resume: continue from the last complete checkpoint in ``output/checkpoints``, which must
+            have been written by a run with the same settings and data (else an error names the
+            first difference).
+        overwrite: delete the run already in ``output`` and start again.
+        init_adapter: start from a saved adapter (sequential fine-tuning) with its config; adapter
+            flags given with other values than the adapter's are refused.
         skip_bad_records: skip malformed records (the count is reported) instead of stopping.
         seed: seed for initialisation, data order and dropout.
         trust_remote_code: allow a hub model's own code to run.
@@ -150,12 +155,12 @@ def train(
             on the command line), e.g. ones that measure the model during training.
     """
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "callbacks"}
-    if not 0.0 <= warmup_ratio < 1.0:
-        raise ValueError(f"--warmup-ratio must be in [0, 1), got {warmup_ratio}")
-    if not data:
-        raise ValueError("--data: give at least one training file")
+    check_settings(settings)
     started = time.time()
     output = Path(output)
+    held = prepare_output(output, resume=resume, overwrite=overwrite)
+    records, skipped = read_records(data, skip_bad=skip_bad_records)
+    identity = run_identity(settings, records)
     checkpoints = output / "checkpoints"
     last_checkpoint = None
     if resume:
@@ -164,36 +169,35 @@ def train(
             logger.warning("removed %d incomplete checkpoint(s): %s", len(removed), [p.name for p in removed])
         done = complete_checkpoints(checkpoints)
         last_checkpoint = done[-1] if done else None
-        if last_checkpoint is None:
+        if last_checkpoint is not None:
+            check_resume(last_checkpoint, checkpoint_run(last_checkpoint), identity)
+        elif held:
+            raise OutputFolderError(f"--resume: {output} has no complete checkpoint to continue from, but holds "
+                                    "files of a run; --overwrite starts it again")
+        else:
             logger.warning("--resume: no complete checkpoint in %s, starting from scratch", checkpoints)
+    if init_adapter is not None:
+        config, _ = read_adapter_config(init_adapter)
+        check_init_adapter(config, settings, Path(init_adapter))
+    else:
+        config = adapter_config(settings)
 
     torch.manual_seed(seed)  # the adapter's initialisation
     base, tokenizer = models.load(model, trust_remote_code=trust_remote_code)
     if init_adapter is not None:
-        config, _ = read_adapter_config(init_adapter)
-        if method == "full" or config.method != method:
-            raise ValueError(f"--init-adapter {init_adapter} holds a {config.method} adapter, not --method {method}")
         load_adapter(base, init_adapter)
-    else:
-        loramoe = {"num_experts": num_experts, "groups": groups, "balance_delta": balance_delta,
-                   "balance_weight": balance_weight, "balance_importance": balance_importance,
-                   "route_weight": route_weight, "route_target": route_target}
-        config = _adapter_config(method, rank, alpha, dropout, target_modules, preset, loramoe)
-        if config is not None:
-            attach(base, config)
-    if isinstance(config, LoraMoEConfig) and config.groups is not None:
-        type_ids = {name: i for i, name in enumerate(config.groups)}
-    else:
-        type_ids = None
+    elif config is not None:
+        attach(base, config)
+    type_ids = None  # types mean nothing to other methods; to LoRAMoE, the index of the group that claims them
+    if isinstance(config, LoraMoEConfig):
+        type_ids = {name: i for i, name in enumerate(config.groups or {})}
     params = trainable_parameters(base)
     logger.info("%s", params)
-
-    records, skipped = read_records(data, skip_bad=skip_bad_records)
     dataset = tokenize_records(records, tokenizer, max_length=max_length, type_ids=type_ids,
                                require_types=require_types)
     args = TrainingArguments(
-        output_dir=str(checkpoints), max_steps=max_steps, num_train_epochs=epochs, learning_rate=lr,
-        per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+        output_dir=str(checkpoints), max_steps=-1 if max_steps is None else max_steps, num_train_epochs=epochs,
+        learning_rate=lr, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
         warmup_steps=warmup_ratio, lr_scheduler_type=scheduler, weight_decay=weight_decay, seed=seed,
         data_seed=seed, save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit,
         logging_steps=logging_steps, report_to=[],
@@ -202,9 +206,22 @@ def train(
         remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
         use_cpu=not torch.cuda.is_available(), **_precision(precision))
     trainer = LoraMoETrainer(model=base, args=args, train_dataset=dataset, data_collator=DataCollator(tokenizer),
-                             group_by_length=group_by_length,
+                             group_by_length=group_by_length, run_identity=identity,
                              callbacks=[TensorBoardLogs(output / "logs"), *callbacks])
-    result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    trainer.accelerator.wait_for_everyone()  # every process has checked the folder before it changes
+    if trainer.args.should_save:
+        if overwrite and held:
+            clear(output)  # only now: a run refused above leaves the old one as it was
+        atomic_write_text(output / "train_config.yaml", yaml.safe_dump(saved_config(settings), sort_keys=False))
+    trainer.accelerator.wait_for_everyone()
+    if last_checkpoint is not None and finished_checkpoint(last_checkpoint):
+        # the Trainer would take one more step from a checkpoint at the end; the run is done, so its
+        # result is the checkpoint's
+        trainer._load_from_checkpoint(str(last_checkpoint))
+        trainer.state = TrainerState.load_from_json(str(last_checkpoint / TRAINER_STATE_NAME))
+        result = None
+    else:
+        result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
 
     if trainer.args.should_save:
         output.mkdir(parents=True, exist_ok=True)
@@ -217,17 +234,15 @@ def train(
         "method": method, "model": model, "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch, "records": len(records), "skipped_records": skipped,
         "tokens": int(trainer.state.num_input_tokens_seen), "seconds": round(time.time() - started, 2),
-        "train_runtime": result.metrics.get("train_runtime"),
+        "train_runtime": result.metrics.get("train_runtime") if result else None,
         "final_loss": last.get("loss"), "final_lm_loss": last.get("lm_loss", last.get("loss")),
         "final_lbc_loss": last.get("lbc_loss"), "final_route_loss": last.get("route_loss"),
-        "train_loss": result.training_loss,
+        "train_loss": result.training_loss if result else None,
         "trainable_parameters": params.trainable, "total_parameters": params.total,
-        "adapter": asdict(config) if config is not None else None,
+        "adapter": adapter_summary(config), "data_sha256": identity["data_sha256"],
         "resumed_from": str(last_checkpoint) if last_checkpoint else None,
     }
     if trainer.args.should_save:
-        flags = {key.replace("_", "-"): value for key, value in settings.items()}  # keys = the flags
-        atomic_write_text(output / "train_config.yaml", yaml.safe_dump(flags, sort_keys=False))
         atomic_write_text(output / "train_summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 

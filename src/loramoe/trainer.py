@@ -12,6 +12,7 @@ resume, distributed runs and logging all stay the Trainer's):
   every ``report_to`` target;
 - adapter-only checkpoints (``adapter_config.json`` + ``adapter_model.safetensors``) instead of the
   whole model, and a completion marker written last, so a checkpoint killed half-way is never resumed;
+  the marker records the run's identity, which ``--resume`` checks;
 - a stop with a clear message on a NaN or infinite loss, leaving the checkpoints as they are;
 - optionally, batches of records of similar length in random order (:mod:`loramoe.sampling`);
 - the LM head applied only where a label follows (``logits_to_keep``): instruction records
@@ -37,13 +38,15 @@ import torch.distributed.nn
 import torch.nn.functional as F
 from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import rotate_checkpoints
 
 from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import adapter_config
-from loramoe.fileio import atomic_write_text
 from loramoe.balance import balancing_loss, group_routing_loss, group_shares, sample_importance
 from loramoe.data import IGNORE_INDEX
+from loramoe.errors import LoramoeError
+from loramoe.fileio import atomic_write_text
 from loramoe.routing import capture_routing
 from loramoe.sampling import LengthGroupedSampler
 from loramoe.serialization import load_adapter, save_adapter
@@ -52,7 +55,7 @@ COMPLETE_MARKER = "loramoe_checkpoint_complete.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(LoramoeError, RuntimeError):
     """The loss became NaN or infinite."""
 
 
@@ -64,6 +67,18 @@ def complete_checkpoints(folder: str | os.PathLike) -> list[Path]:
     found = [(int(m.group(1)), p) for p in folder.iterdir()
              if (m := _CHECKPOINT_RE.match(p.name)) and (p / COMPLETE_MARKER).is_file()]
     return [p for _, p in sorted(found)]
+
+
+def checkpoint_run(checkpoint: str | os.PathLike) -> dict | None:
+    """The identity of the run that wrote ``checkpoint`` (see :mod:`loramoe.run_folder`), from its
+    completion marker; None if the marker records none."""
+    return json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text()).get("run")
+
+
+def finished_checkpoint(checkpoint: str | os.PathLike) -> bool:
+    """Whether ``checkpoint`` was written at the run's last step."""
+    state = json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())
+    return state["global_step"] >= state["max_steps"] > 0
 
 
 def remove_incomplete_checkpoints(folder: str | os.PathLike) -> list[Path]:
@@ -89,8 +104,9 @@ class TensorBoardLogs(TensorBoardCallback):
 class LoraMoETrainer(Trainer):
     """``Trainer`` for models with a loramoe adapter attached (or none, for full fine-tuning)."""
 
-    def __init__(self, *args, group_by_length: bool = False, **kwargs) -> None:
+    def __init__(self, *args, group_by_length: bool = False, run_identity: dict | None = None, **kwargs) -> None:
         self.group_by_length = group_by_length
+        self.run_identity = run_identity
         super().__init__(*args, **kwargs)
         config = adapter_config(self.model)
         self.loramoe = config if isinstance(config, LoraMoEConfig) else None
@@ -227,6 +243,7 @@ class LoraMoETrainer(Trainer):
         if self.args.should_save:
             run_dir = self._get_output_dir(trial=trial)
             folder = Path(run_dir) / f"checkpoint-{self.state.global_step}"
-            atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"global_step": self.state.global_step}))
+            marker = {"global_step": self.state.global_step, "run": self.run_identity}
+            atomic_write_text(folder / COMPLETE_MARKER, json.dumps(marker, indent=2))
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)

@@ -9,18 +9,50 @@ An adapter layer replaces a frozen ``nn.Linear`` (weight (d_out, d_in)) or a GPT
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+import math
+import numbers
+import sys
+import types
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from loramoe.errors import LoramoeError, UsageError
+
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
 
-class MergeError(ValueError):
+class MergeError(LoramoeError, ValueError):
     """Raised when an adapter cannot be folded into the base weight."""
+
+
+class ConfigFieldError(UsageError):
+    """A config field holds a value of the wrong type, or a float that is not finite."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the annotated type ``hint`` (and finite, for a float)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, arm) for arm in args)
+    if origin is list:  # a tuple works wherever the list is read, and Python callers pass them
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    if hint in (int, float) and isinstance(value, bool):  # True is an int to Python, never a count or a scale
+        return False
+    if hint is int:
+        return isinstance(value, numbers.Integral)
+    if hint is float:  # an int scale (PEFT writes lora_alpha as one) is fine; NaN or Inf would reach the outputs
+        return isinstance(value, numbers.Real) and abs(value) <= sys.float_info.max  # False for NaN too
+    return value is None if hint is type(None) else isinstance(value, hint)
 
 
 @dataclass
@@ -40,12 +72,20 @@ class AdapterConfig:
     """Adapter parameter dtype (``"float32"``, ``"bfloat16"``, ...). None: the base weight's dtype."""
 
     def __post_init__(self) -> None:
+        # before any range check, which would compare "4" with 1 and fail with a TypeError
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not _fits(value, hints[f.name]):
+                problem = (f"must be finite, got {value}" if isinstance(value, float) and not math.isfinite(value)
+                           else f"must be of type {f.type}, got {value!r}")
+                raise ConfigFieldError(f.name, problem)
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise UsageError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.dtype is not None and not isinstance(getattr(torch, self.dtype, None), torch.dtype):
-            raise ValueError(f"dtype must name a torch dtype such as 'float32', got {self.dtype!r}")
+            raise UsageError(f"dtype must name a torch dtype such as 'float32', got {self.dtype!r}")
         if isinstance(self.target_modules, list) and not self.target_modules:
-            raise ValueError("target_modules must not be an empty list")
+            raise UsageError("target_modules must not be an empty list")
 
 
 def layer_shape(layer: nn.Module) -> tuple[int, int]:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from loramoe.adapters.base import AdapterConfig, AdapterLayer
+from loramoe.errors import UsageError
 from loramoe.functional import lora_delta, lora_delta_weight
 
 
@@ -32,7 +33,7 @@ class LoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.r < 1:
-            raise ValueError(f"r must be >= 1, got {self.r}")
+            raise UsageError(f"r must be >= 1, got {self.r}")
 
     @property
     def scale(self) -> float:

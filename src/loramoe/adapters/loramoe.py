@@ -25,11 +25,11 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-
 from transformers.pytorch_utils import Conv1D
 
 from loramoe.adapters.base import SUPPORTED_BASE_LAYERS, AdapterConfig, AdapterLayer, MergeError
 from loramoe.balance import IMPORTANCE_MODES
+from loramoe.errors import UsageError
 from loramoe.functional import dropout_positions, loramoe_delta, router_gates
 from loramoe.fused import Member, inference_plan, loramoe_group, loramoe_group_inference
 
@@ -108,29 +108,29 @@ class LoraMoEConfig(AdapterConfig):
             self.groups = {"knowledge": 3, "task": 3}
         if self.groups is not None:
             if not self.groups or any(not isinstance(n, int) or n < 1 for n in self.groups.values()):
-                raise ValueError(f"groups must map each sample type to a positive expert count, got {self.groups}")
+                raise UsageError(f"groups must map each sample type to a positive expert count, got {self.groups}")
             total = sum(self.groups.values())
             if self.num_experts is not None and self.num_experts != total:
-                raise ValueError(f"num_experts is {self.num_experts} but groups {self.groups} hold {total} experts")
+                raise UsageError(f"num_experts is {self.num_experts} but groups {self.groups} hold {total} experts")
             self.num_experts = total
         if self.num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+            raise UsageError(f"num_experts must be >= 1, got {self.num_experts}")
         if not 0.0 <= self.balance_delta < 1.0:
-            raise ValueError(f"balance_delta must be in [0, 1), got {self.balance_delta}")
+            raise UsageError(f"balance_delta must be in [0, 1), got {self.balance_delta}")
         if self.balance_weight < 0:
-            raise ValueError(f"balance_weight must be >= 0, got {self.balance_weight}")
+            raise UsageError(f"balance_weight must be >= 0, got {self.balance_weight}")
         if self.balance_importance not in IMPORTANCE_MODES:
-            raise ValueError(f"balance_importance must be one of {', '.join(IMPORTANCE_MODES)}, "
+            raise UsageError(f"balance_importance must be one of {', '.join(IMPORTANCE_MODES)}, "
                              f"got {self.balance_importance!r}")
         if self.route_weight < 0:
-            raise ValueError(f"route_weight must be >= 0, got {self.route_weight}")
+            raise UsageError(f"route_weight must be >= 0, got {self.route_weight}")
         if not 0.0 < self.route_target < 1.0:
-            raise ValueError(f"route_target must be in (0, 1), got {self.route_target}")
+            raise UsageError(f"route_target must be in (0, 1), got {self.route_target}")
         if self.route_weight > 0 and (self.groups is None or len(self.groups) < 2):
-            raise ValueError(f"route_weight > 0 routes samples to their type's group: it needs groups "
+            raise UsageError(f"route_weight > 0 routes samples to their type's group: it needs groups "
                              f"with at least 2 sample types, got groups={self.groups}")
         if self.r < 1:
-            raise ValueError(f"r must be >= 1, got {self.r}")
+            raise UsageError(f"r must be >= 1, got {self.r}")
 
     @property
     def scale(self) -> float:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loramoe.adapters.base import AdapterConfig, AdapterLayer, layer_shape
+from loramoe.errors import UsageError
 
 FACTORS = "ABuv"
 
@@ -73,25 +74,25 @@ class TiedLoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.r < 1:
-            raise ValueError(f"r must be >= 1, got {self.r}")
+            raise UsageError(f"r must be >= 1, got {self.r}")
         if self.alpha is None:
             self.alpha = float(self.r)
         switches = dict(zip(FACTORS, (self.train_A, self.train_B, self.train_u, self.train_v)))
         if self.preset is not None:
             trains = ALIASES.get(self.preset, self.preset)
             if trains not in PRESETS:
-                raise ValueError(f"preset must be {', '.join(ALIASES)} or the trained tensors' letters in the "
+                raise UsageError(f"preset must be {', '.join(ALIASES)} or the trained tensors' letters in the "
                                  f"order A, B, u, v ('ABuv', 'AB', 'uv', 'Bv', ...), got {self.preset!r}")
             for factor, given in switches.items():
                 if given is not None and given != (factor in trains):
-                    raise ValueError(f"train_{factor}={given} contradicts preset {self.preset!r}, which trains "
+                    raise UsageError(f"train_{factor}={given} contradicts preset {self.preset!r}, which trains "
                                      f"{', '.join(trains)}")
         elif all(given is None for given in switches.values()):
             trains = ALIASES["TL6"]
         else:
             trains = "".join(factor for factor, given in switches.items() if given)
         if not trains:
-            raise ValueError("TiedLoraConfig trains nothing: set train_A, train_B, train_u or train_v to True, "
+            raise UsageError("TiedLoraConfig trains nothing: set train_A, train_B, train_u or train_v to True, "
                              f"or a preset ({', '.join(ALIASES)}, or letters such as 'ABuv')")
         self.train_A, self.train_B, self.train_u, self.train_v = (factor in trains for factor in FACTORS)
 
@@ -160,7 +161,7 @@ def tie_groups(shapes: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
             first_of_shape.setdefault(shapes[path], path)
         if len(first_of_shape) > 1:
             found = "; ".join(f"{p} has (d_in, d_out) = {shape}" for shape, p in first_of_shape.items())
-            raise ValueError(f"Tied LoRA shares one (A, B) pair by all modules named '{name}', but their shapes "
+            raise UsageError(f"Tied LoRA shares one (A, B) pair by all modules named '{name}', but their shapes "
                              f"differ: {found}. Choose target_modules whose modules of one name have one shape.")
     return groups
 
@@ -197,7 +198,7 @@ class TiedLoraLinear(AdapterLayer):
                  lora_B: nn.Parameter) -> None:
         super().__init__(base_layer)
         if (lora_A.shape[1], lora_B.shape[0]) != (self.in_features, self.out_features):
-            raise ValueError(f"the tied pair is for (d_in, d_out) = ({lora_A.shape[1]}, {lora_B.shape[0]}), "
+            raise UsageError(f"the tied pair is for (d_in, d_out) = ({lora_A.shape[1]}, {lora_B.shape[0]}), "
                              f"the layer has ({self.in_features}, {self.out_features})")
         self.scale = config.scale
         self.dropout = config.dropout

@@ -16,6 +16,7 @@ from typing import Any, get_args
 
 import yaml
 
+from loramoe.errors import LoramoeError
 from loramoe.suites.knowledge import RELATIONS
 from loramoe.suites.records import AnswerStyle
 from loramoe.suites.translation import LANGUAGES
@@ -24,14 +25,15 @@ from loramoe.train import train
 
 DEFAULT_CONFIG = resources.files("loramoe.lab").joinpath("lab.yaml")
 TASKS = (*WIKI_TASKS, *(f"translation-{lang}" for lang in LANGUAGES))
-LAB_OWNED = {"data", "output", "model", "seed", "resume", "init_adapter", "method", "max_steps", "callbacks"}
+LAB_OWNED = {"data", "output", "model", "seed", "resume", "overwrite", "init_adapter", "method", "max_steps",
+             "callbacks"}
 """``loramoe train`` settings the lab sets itself, per run."""
 TRAIN_SETTINGS = set(inspect.signature(train).parameters) - LAB_OWNED
 WHOLE = {"variants"}
 """Mappings a later file replaces whole instead of merging key by key (so a profile can drop arms)."""
 
 
-class LabConfigError(ValueError):
+class LabConfigError(LoramoeError, ValueError):
     pass
 
 

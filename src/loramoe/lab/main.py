@@ -19,7 +19,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from loramoe.fileio import atomic_write_text
+from loramoe.errors import UsageError
+from loramoe.fileio import atomic_write_text, ensure_writable_folder
 from loramoe.lab.config import DEFAULT_CONFIG, load_config
 from loramoe.lab.mix import build_mix
 from loramoe.lab.probe import build_probe
@@ -95,10 +96,10 @@ def lab(
         print(f"wrote {init_config}; edit it, then run: loramoe lab --config {init_config}")
         return {}
     if quick and full:
-        raise ValueError("--quick and --full exclude each other")
+        raise UsageError("--quick and --full exclude each other")
     settings = load_config(lab_config, "quick" if quick else "full" if full else None)
     started = time.time()
-    output = Path(output)
+    output = ensure_writable_folder(output, "--output")  # before hours of work, not after
     mix = build_mix(settings.mix, output / "mix", settings.seed)
     s = settings.score
     probe = build_probe(relations=settings.mix.knowledge, tasks=settings.mix.tasks, mix_file=mix.path,

@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from loramoe.errors import UsageError
 from loramoe.fileio import atomic_write_text
 from loramoe.lab.config import MixConfig
 from loramoe.suites import load_benchmark, to_training_records
@@ -69,7 +70,7 @@ def build_mix(config: MixConfig, folder: Path, seed: int = 0) -> Mix:
     need["task"] = config.records - need["knowledge"]
     for kind, count in need.items():
         if count > len(ordered[kind]):
-            raise ValueError(f"mix: {config.records} records need {count} {kind} records but the built-in data "
+            raise UsageError(f"mix: {config.records} records need {count} {kind} records but the built-in data "
                              f"gives {len(ordered[kind])} with these settings; lower mix.records, or raise "
                              f"mix.templates or mix.max_context_chars")
     records = _interleave_types(ordered["knowledge"][:need["knowledge"]], ordered["task"][:need["task"]])

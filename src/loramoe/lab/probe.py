@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loramoe.data import read_records
+from loramoe.errors import UsageError
 from loramoe.suites import filter_overlap, load_benchmark
 from loramoe.suites.base import Example, Metric, take
 from loramoe.suites.text import normalize_answer
@@ -78,7 +79,7 @@ def distractors(example: Example, pool: list[str], count: int, seed: int) -> tup
     own = {normalize_answer(a) for a in example.answers} | {normalize_answer(example.subject or "")}
     candidates = [a for a in dict.fromkeys(pool) if normalize_answer(a) not in own]
     if len(candidates) < count:
-        raise ValueError(f"{example.id}: only {len(candidates)} other answers of its relation to choose "
+        raise UsageError(f"{example.id}: only {len(candidates)} other answers of its relation to choose "
                          f"{count} distractors from")
     return tuple(sorted(candidates, key=lambda a: _rank(seed, example.id, a))[:count])
 
@@ -89,7 +90,7 @@ def build_probe(*, relations: list[str], tasks: list[str], mix_file: Path, seed:
     """The lab's questions (see the module docstring); ``mix_file`` is the training data whose facts
     are kept out."""
     if choices < 2:
-        raise ValueError(f"score.choices must be at least 2, got {choices}")
+        raise UsageError(f"score.choices must be at least 2, got {choices}")
     records, _ = read_records([str(mix_file)])
     facts: list[Fact] = []
     chat: list[int] = []
@@ -116,5 +117,5 @@ def build_probe(*, relations: list[str], tasks: list[str], mix_file: Path, seed:
         answered = {e.id for e in take(chosen, generation_items, seed)}
         generation += [i for i in range(first, len(items)) if items[i].example.id in answered]
     if not facts or not items:
-        raise ValueError("the probe holds no held-out fact or no task item; check mix.knowledge and mix.tasks")
+        raise UsageError("the probe holds no held-out fact or no task item; check mix.knowledge and mix.tasks")
     return Probe(facts, items, chat, generation, removed)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from loramoe.adapters import LoraMoEConfig
+from loramoe.errors import UsageError
 from loramoe.lab.config import LabConfig
 from loramoe.lab.probe import Probe
 from loramoe.lab.stats import (
@@ -53,7 +54,7 @@ def arm_data(base: dict[str, Any], seeds: Sequence[list[dict[str, Any]]]) -> Arm
     paths = [[base, *points] for points in seeds]
     steps = [p["step"] for p in paths[0]]
     if any([p["step"] for p in path] != steps for path in paths):
-        raise ValueError("the seeds of one arm were scored at different steps")
+        raise UsageError("the seeds of one arm were scored at different steps")
     measured = [[_knowledge(p) for p in path] for path in paths]
     knowledge = {m: np.stack([np.stack([k[m] for k in path]) for path in measured]) for m in MEASURES}
     loss = np.stack([np.stack([np.array(p["task_loss"]) for p in path]) for path in paths])

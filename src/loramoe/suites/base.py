@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from loramoe.errors import UsageError
+
 Metric = Literal["qa", "rouge", "translation", "accuracy", "lm_loss"]
 """qa: exact match and token F1 over aliases; rouge: ROUGE-L; translation: chrF and BLEU;
 accuracy: exact label match; lm_loss: per-token cross-entropy and perplexity on ``text``."""
@@ -69,7 +71,7 @@ def take(examples: Iterable[Example], limit: int | None, seed: int = 0) -> list[
     """At most ``limit`` examples, chosen by a hash of their ids (so a smaller limit takes a subset
     of a larger one) and returned in their original order; all of them when ``limit`` is None."""
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be at least 0, got {limit}")
+        raise UsageError(f"limit must be at least 0, got {limit}")
     examples = list(examples)
     if limit is None or limit >= len(examples):
         return examples
@@ -82,13 +84,13 @@ def split(name: str, examples: Iterable[Example], *, test_share: float, seed: in
     """``(train, test)`` by ``split_of`` over each example's group (or id), each capped by ``take``.
     Raises on a repeated id: ids name items in reports and in the overlap filter."""
     if not 0.0 <= test_share <= 1.0:
-        raise ValueError(f"{name}: test_share must be in [0, 1], got {test_share}")
+        raise UsageError(f"{name}: test_share must be in [0, 1], got {test_share}")
     train: list[Example] = []
     test: list[Example] = []
     seen: set[str] = set()
     for example in examples:
         if example.id in seen:
-            raise ValueError(f"{name}: example id '{example.id}' is not unique")
+            raise UsageError(f"{name}: example id '{example.id}' is not unique")
         seen.add(example.id)
         side = split_of(example.group or example.id, test_share, seed)
         (test if side == "test" else train).append(example)

@@ -16,6 +16,7 @@ relation are left out of it (islands have no borders, territories no language da
 
 from __future__ import annotations
 
+from loramoe.errors import UsageError
 from loramoe.suites.base import Benchmark, Example, split
 from loramoe.suites.countries import Country, Value, by_code, countries
 from loramoe.suites.text import unique
@@ -93,9 +94,9 @@ def knowledge_examples(relation: str, *, templates: int = 1, min_population: int
     people, when given: countries without a population figure are then left out), in the first
     ``templates`` phrasings. Ids ``capital/France/0``; group ``capital/France``."""
     if relation not in TEMPLATES:
-        raise ValueError(f"unknown relation '{relation}'; known: {', '.join(RELATIONS)}")
+        raise UsageError(f"unknown relation '{relation}'; known: {', '.join(RELATIONS)}")
     if not 1 <= templates <= len(TEMPLATES[relation]):
-        raise ValueError(f"templates must be between 1 and {len(TEMPLATES[relation])}, got {templates}")
+        raise UsageError(f"templates must be between 1 and {len(TEMPLATES[relation])}, got {templates}")
     examples, table = [], by_code()
     for country in countries():
         if min_population is not None and (country.population or 0) < min_population:

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loramoe.data import Record, read_records
+from loramoe.errors import UsageError
 from loramoe.suites.base import Example
 from loramoe.suites.text import normalize_answer
 
@@ -240,7 +241,7 @@ def filter_overlap(test: Sequence[Example], train: Sequence[Example | Mapping[st
     rules), in their order, and a report of how many each rule removed. Records are validated as
     ``loramoe.data.read_records`` validates them (a bad one raises ``DataError``)."""
     if ngram < 1:
-        raise ValueError(f"ngram must be at least 1, got {ngram}")
+        raise UsageError(f"ngram must be at least 1, got {ngram}")
     index = _Index(_items(train), ngram)
     kept: list[Example] = []
     report = OverlapReport(total=len(test), kept=0)

@@ -14,6 +14,7 @@ import hashlib
 from collections.abc import Iterable
 from typing import Literal, get_args
 
+from loramoe.errors import UsageError
 from loramoe.suites import knowledge, translation, wiki
 from loramoe.suites.base import Example
 
@@ -58,13 +59,13 @@ def to_training_records(examples: Iterable[Example], *, type: str, templates_per
     form a small base model retrieves facts in (other examples keep their answer). Meant for
     train-split examples; text examples (no answer) cannot become records."""
     if templates_per_example < 1:
-        raise ValueError(f"templates_per_example must be at least 1, got {templates_per_example}")
+        raise UsageError(f"templates_per_example must be at least 1, got {templates_per_example}")
     if answer_style not in get_args(AnswerStyle):
-        raise ValueError(f"answer_style must be 'short' or 'sentence', got '{answer_style}'")
+        raise UsageError(f"answer_style must be 'short' or 'sentence', got '{answer_style}'")
     records = []
     for example in examples:
         if not example.answers:
-            raise ValueError(f"example '{example.id}' has no answer to train on (text for the language-model "
+            raise UsageError(f"example '{example.id}' has no answer to train on (text for the language-model "
                              f"loss is not instruction data)")
         options = phrasings(example)
         is_fact = example.subject and example.relation in knowledge.TEMPLATES

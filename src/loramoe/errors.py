@@ -1,0 +1,26 @@
+"""The errors loramoe raises for a user's input or setup, as opposed to its own bugs.
+
+Each message names what is wrong (the file, line and field, or the flag) and how to fix it, so
+the command line prints it as one line (``loramoe: error: ...``, exit code 1) instead of a
+traceback; ``--debug`` or ``LORAMOE_DEBUG=1`` shows the traceback too. Every class also derives
+from the built-in error a Python caller would expect (``ValueError``, ``FileNotFoundError``...),
+so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class LoramoeError(Exception):
+    """Bad input or setup, fully explained by the message."""
+
+
+class UsageError(LoramoeError, ValueError):
+    """A flag, argument or setting has a value the run cannot use."""
+
+
+class MissingFileError(LoramoeError, FileNotFoundError):
+    """A file or folder the run needs is not there."""
+
+
+class OutputFolderError(LoramoeError, FileExistsError):
+    """The output folder holds another run, or cannot be written."""

@@ -1,0 +1,167 @@
+"""A run folder holds one run: a second run into it, or a resume with other settings or data, is
+refused before anything in it changes; a saved ``train_config.yaml`` reruns from any folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from loramoe.cli import main as cli_main
+from loramoe.errors import OutputFolderError, UsageError
+from loramoe.train import train
+from loramoe.trainer import COMPLETE_MARKER
+from tests.conftest import save_tiny
+from tests.test_train import _common, _records, _weights
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    save_tiny(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    file = tmp_path_factory.mktemp("data") / "train.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+    return str(file)
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir, data_file, tmp_path_factory):
+    """A LoRAMoE run of 2 steps with a checkpoint at step 1, and its files' bytes."""
+    folder = tmp_path_factory.mktemp("finished")
+    train(**_common(tiny_model_dir, data_file, max_steps=2, save_steps=1), output=folder)
+    return folder, _snapshot(folder)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _copy(finished, tmp_path) -> Path:
+    folder = tmp_path / "a"
+    for name, content in finished[1].items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+    return folder
+
+
+def test_a_second_run_into_a_run_folder_is_refused_and_changes_nothing(tiny_model_dir, data_file, finished,
+                                                                       tmp_path):
+    folder = _copy(finished, tmp_path)
+    with pytest.raises(OutputFolderError, match=r"the folder is not empty \(adapter_config.json.*--overwrite"):
+        train(**_common(tiny_model_dir, data_file, method="lora", max_steps=2), output=folder)
+    assert _snapshot(folder) == finished[1]
+
+
+def test_resume_with_other_data_is_refused_naming_it(tiny_model_dir, data_file, finished, tmp_path):
+    folder = _copy(finished, tmp_path)
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in _records(12)))
+    with pytest.raises(OutputFolderError, match=r"checkpoint-2 was trained with other data"):
+        train(**_common(tiny_model_dir, str(other), max_steps=2, save_steps=1), output=folder, resume=True)
+    assert _snapshot(folder) == finished[1]
+
+
+def test_resume_with_another_setting_is_refused_naming_the_first_difference(tiny_model_dir, data_file, finished,
+                                                                             tmp_path):
+    folder = _copy(finished, tmp_path)
+    with pytest.raises(OutputFolderError, match=r"trained with --lr 0.005, this run has 0.001"):
+        train(**_common(tiny_model_dir, data_file, max_steps=2, save_steps=1, lr=1e-3), output=folder, resume=True)
+    with pytest.raises(OutputFolderError, match=r"trained with --method 'loramoe', this run has 'lora'"):
+        train(**_common(tiny_model_dir, data_file, max_steps=2, save_steps=1, method="lora"), output=folder,
+              resume=True)
+    assert _snapshot(folder) == finished[1]
+
+
+def test_resume_with_the_same_data_in_another_file_and_other_save_settings_continues(tiny_model_dir, data_file,
+                                                                                     finished, tmp_path):
+    folder = _copy(finished, tmp_path)
+    moved = tmp_path / "moved.jsonl"
+    moved.write_text(Path(data_file).read_text())
+    summary = train(**_common(tiny_model_dir, str(moved), max_steps=2, save_steps=1, logging_steps=5),
+                    output=folder, resume=True)
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 2
+    assert _snapshot(folder)["adapter_model.safetensors"] == finished[1]["adapter_model.safetensors"]
+
+
+def test_overwrite_clears_the_folder_first(tiny_model_dir, data_file, finished, tmp_path):
+    folder = _copy(finished, tmp_path)
+    summary = train(**_common(tiny_model_dir, data_file, method="lora", max_steps=2, save_steps=10), output=folder,
+                    overwrite=True)
+    assert summary["method"] == "lora"
+    left = sorted((folder / "checkpoints").iterdir())  # the first run's checkpoint-1 is gone with it
+    assert [p.name for p in left] == ["checkpoint-2"]
+    assert json.loads((left[0] / COMPLETE_MARKER).read_text())["run"]["method"] == "lora"
+    assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_overwrite_refused_by_the_new_runs_checks_keeps_the_old_run(tiny_model_dir, data_file, finished, tmp_path):
+    folder = _copy(finished, tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "w3"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        train(**_common(tiny_model_dir, str(bad)), output=folder, overwrite=True)
+    assert _snapshot(folder) == finished[1]
+
+
+def test_overwrite_deletes_only_a_run_folder(tiny_model_dir, data_file, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(OutputFolderError, match="deletes only a run folder"):
+        train(**_common(tiny_model_dir, data_file), output=tmp_path, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_resume_and_overwrite_together_are_refused(tiny_model_dir, data_file, tmp_path):
+    with pytest.raises(UsageError, match="--resume and --overwrite contradict"):
+        train(**_common(tiny_model_dir, data_file), output=tmp_path, resume=True, overwrite=True)
+
+
+def test_resume_without_a_checkpoint_into_a_finished_run_is_refused(tiny_model_dir, data_file, tmp_path):
+    train(**_common(tiny_model_dir, data_file, max_steps=1, save_steps=10), output=tmp_path / "a")
+    shutil.rmtree(tmp_path / "a" / "checkpoints")  # deleted to save space once the run was done
+    before = _snapshot(tmp_path / "a")
+    with pytest.raises(OutputFolderError, match="no complete checkpoint to continue from"):
+        train(**_common(tiny_model_dir, data_file, max_steps=1, save_steps=10), output=tmp_path / "a", resume=True)
+    assert _snapshot(tmp_path / "a") == before
+
+
+def test_a_checkpoint_that_records_no_settings_is_not_resumed(tiny_model_dir, data_file, finished, tmp_path):
+    folder = _copy(finished, tmp_path)
+    (folder / "checkpoints" / "checkpoint-2" / COMPLETE_MARKER).write_text(json.dumps({"global_step": 2}))
+    with pytest.raises(OutputFolderError, match="records no settings"):
+        train(**_common(tiny_model_dir, data_file, max_steps=2, save_steps=1), output=folder, resume=True)
+
+
+def test_the_saved_config_reruns_from_any_folder_into_a_new_one_and_never_into_its_own(
+        tiny_model_dir, data_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(data_file).parent)
+    cli_main(["train", "--data", Path(data_file).name, "--model", tiny_model_dir, "--output", str(tmp_path / "run"),
+              "--max-steps", "2", "--batch-size", "4", "--max-length", "32", "--save-steps", "10", "--seed", "3"])
+    saved = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())
+    assert saved["data"] == [str(Path(data_file).resolve())]
+    assert not {"output", "resume", "overwrite"} & set(saved)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cli_main(["train", "--config", str(tmp_path / "run" / "train_config.yaml")])  # the default --output, here
+    a, b = _weights(tmp_path / "run"), _weights(elsewhere / "runs" / "train")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(OutputFolderError, match="not empty"):
+        train(**{k.replace("-", "_"): v for k, v in saved.items()}, output=tmp_path / "run")
+
+
+def test_the_command_line_says_it_in_one_line(tiny_model_dir, data_file, finished, tmp_path, capsys):
+    folder = _copy(finished, tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["train", "--data", data_file, "--model", tiny_model_dir, "--output", str(folder)])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"loramoe: error: --output {folder}: the folder is not empty") and "\n" not in err
