@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
     from safetensors.torch import save_file
-    import loramoe.train as train_module
+    import loramoe.train.main as train_module
     from loramoe.attach import adapter_layers
 
     class DumpEveryRank(train_module.LoraMoETrainer):

@@ -13,7 +13,7 @@ import loramoe
 from loramoe import LoraMoEConfig
 from loramoe.cli import main as cli_main
 from loramoe.errors import OutputFolderError, UsageError
-from loramoe.evaluate import _read_base_eval, evaluate
+from loramoe.evaluate.main import _read_base_eval, evaluate
 from loramoe.suites.base import Benchmark, Example
 from tests.conftest import save_tiny, tiny_llama
 
@@ -139,7 +139,7 @@ def test_a_base_eval_with_what_the_comparison_reads_is_read(tmp_path):
 
 
 def test_an_unwritable_output_fails_before_any_model_is_loaded(tmp_path, monkeypatch):
-    import loramoe.evaluate as evaluate_module
+    import loramoe.evaluate.main as evaluate_module
 
     def never(*_, **__):
         raise AssertionError("the model was loaded before --output was checked")

@@ -14,7 +14,7 @@ import yaml
 from loramoe.cli import main as cli_main
 from loramoe.errors import OutputFolderError, UsageError
 from loramoe.train import train
-from loramoe.trainer import COMPLETE_MARKER
+from loramoe.train.trainer import COMPLETE_MARKER
 from tests.conftest import save_tiny
 from tests.test_train import _common, _records, _weights
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from loramoe.sampling import LengthGroupedSampler, length_grouped_order
+from loramoe.train.sampling import LengthGroupedSampler, length_grouped_order
 
 
 def _padded_tokens(order: list[int], lengths: list[int], batch_size: int) -> int:

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import loramoe.scaling
+import loramoe.scaling.main
 from loramoe.adapters import LoraConfig
 from loramoe.attach import attach
 from loramoe.cli import _normalise_flags
 from loramoe.cli import main as cli_main
 from loramoe.data import DataCollator, read_records, tokenize_records
-from loramoe.scaling import ForgettingProbe, fine_tuning_data, general_texts, heldout_loss
+from loramoe.scaling.main import ForgettingProbe, fine_tuning_data, general_texts, heldout_loss
 from tests.conftest import save_tiny, tiny_llama, tiny_tokenizer
 from tests.test_train import _records
 
@@ -126,7 +126,7 @@ def test_a_rerun_reuses_finished_runs_and_a_changed_setting_trains_again(sweep, 
     def no_training(**kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(loramoe.scaling, "train", no_training)
+    monkeypatch.setattr(loramoe.scaling.main, "train", no_training)
     cli_main(args)
     again = json.loads((root / "out" / "scaling.json").read_text())
     assert again["runs"] == before["runs"]

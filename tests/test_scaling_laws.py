@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from loramoe.scaling_laws import PowerLawFit, fit_linear_law, fit_power_law
+from loramoe.scaling.laws import PowerLawFit, fit_linear_law, fit_power_law
 
 SIZES = np.array([2e4, 4e4, 8e4, 1.6e5, 3.2e5])
 STEPS = np.array([10.0, 15.0, 20.0, 25.0, 30.0, 40.0])

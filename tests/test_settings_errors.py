@@ -131,7 +131,7 @@ def test_the_installed_command_exits_1_with_one_line(tmp_path):
 
 def test_the_lab_and_the_scaling_study_check_their_output_before_any_work(tmp_path, monkeypatch):
     import loramoe.lab.main as lab_main
-    import loramoe.scaling as scaling_module
+    import loramoe.scaling.main as scaling_module
 
     def never(*_, **__):
         raise AssertionError("work began before --output was checked")

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from loramoe.cli import main as cli_main
 from loramoe.data import DataError
 from loramoe.train import train
-from loramoe.trainer import COMPLETE_MARKER, TrainingDiverged
+from loramoe.train.trainer import COMPLETE_MARKER, TrainingDiverged
 from tests.conftest import child_env, save_tiny
 
 
@@ -122,7 +122,7 @@ def test_init_adapter_continues_from_a_saved_adapter(tiny_model_dir, data_file, 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_model_dir, data_file, tmp_path,
                                                                      monkeypatch):
-    import loramoe.trainer as trainer_module
+    import loramoe.train.trainer as trainer_module
 
     calls = []
     real = trainer_module.balancing_loss
@@ -153,7 +153,7 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, data_fil
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    import loramoe.trainer as trainer_module
+    import loramoe.train.trainer as trainer_module
     from loramoe.train import train
 
     real_save = trainer_module.save_adapter
@@ -211,7 +211,7 @@ def test_records_whose_prompt_fills_max_length_are_dropped_not_called_divergence
 
 def test_a_kill_before_the_new_checkpoint_is_complete_keeps_the_old_one(tiny_model_dir, data_file, tmp_path,
                                                                          monkeypatch):
-    import loramoe.trainer as trainer_module
+    import loramoe.train.trainer as trainer_module
 
     real_write = trainer_module.atomic_write_text
 
@@ -303,7 +303,7 @@ def test_the_loss_from_label_positions_only_equals_the_models_own(tmp_path, meth
     from transformers import Trainer, TrainingArguments
 
     from loramoe import LoraMoEConfig, attach
-    from loramoe.trainer import LoraMoETrainer
+    from loramoe.train.trainer import LoraMoETrainer
     from tests.conftest import tiny_llama
 
     model = tiny_llama().train()

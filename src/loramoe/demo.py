@@ -24,7 +24,7 @@ from loramoe.generation import generate
 from loramoe.routing import capture_routing
 from loramoe.serialization import load_adapter, save_adapter
 from loramoe.suites.base import Example
-from loramoe.trainer import LoraMoETrainer
+from loramoe.train.trainer import LoraMoETrainer
 
 EXAMPLES = Path(__file__).parent / "examples" / "mini_instructions.jsonl"
 """24 built-in typed instruction examples: closed-book QA (``knowledge``), translation,

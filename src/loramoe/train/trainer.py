@@ -14,7 +14,7 @@ resume, distributed runs and logging all stay the Trainer's):
   whole model, and a completion marker written last, so a checkpoint killed half-way is never resumed;
   the marker records the run's identity, which ``--resume`` checks;
 - a stop with a clear message on a NaN or infinite loss, leaving the checkpoints as they are;
-- optionally, batches of records of similar length in random order (:mod:`loramoe.sampling`);
+- optionally, batches of records of similar length in random order (:mod:`loramoe.train.sampling`);
 - the LM head applied only where a label follows (``logits_to_keep``): instruction records
   train on their short responses, and vocabulary-wide logits (and their cross-entropy) at every
   prompt position cost a fifth of a step for nothing. The loss is the model's own causal-LM
@@ -48,8 +48,8 @@ from loramoe.data import IGNORE_INDEX
 from loramoe.errors import LoramoeError
 from loramoe.fileio import atomic_write_text
 from loramoe.routing import capture_routing
-from loramoe.sampling import LengthGroupedSampler
 from loramoe.serialization import load_adapter, save_adapter
+from loramoe.train.sampling import LengthGroupedSampler
 
 COMPLETE_MARKER = "loramoe_checkpoint_complete.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -70,7 +70,7 @@ def complete_checkpoints(folder: str | os.PathLike) -> list[Path]:
 
 
 def checkpoint_run(checkpoint: str | os.PathLike) -> dict | None:
-    """The identity of the run that wrote ``checkpoint`` (see :mod:`loramoe.run_folder`), from its
+    """The identity of the run that wrote ``checkpoint`` (see :mod:`loramoe.train.run_folder`), from its
     completion marker; None if the marker records none."""
     return json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text()).get("run")
 

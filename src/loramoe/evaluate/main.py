@@ -21,11 +21,11 @@ from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import adapter_config, disabled_adapters
 from loramoe.data import read_records
 from loramoe.errors import UsageError
+from loramoe.evaluate.router_analysis import gate_shares, group_share, save_gate_shares
 from loramoe.fileio import atomic_write_text, ensure_writable_folder
 from loramoe.forgetting import distribution_shift, knowledge_change, parameter_drift, summarize_drift
 from loramoe.generation import generate
 from loramoe.metrics import lm_loss, per_item, score
-from loramoe.router_analysis import gate_shares, group_share, save_gate_shares
 from loramoe.serialization import load_adapter
 from loramoe.suites import filter_overlap, load_suite
 from loramoe.suites.base import Benchmark, PromptStyle

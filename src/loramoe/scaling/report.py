@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from loramoe.fileio import atomic_write, atomic_write_text
-from loramoe.scaling_laws import PowerLawFit, fit_linear_law, fit_power_law
+from loramoe.scaling.laws import PowerLawFit, fit_linear_law, fit_power_law
 
 PAPER = {
     "source": "arXiv 2401.05605 (Llama 2 7B chat, LoRA ranks 8-256, 260 steps, first 50 excluded)",

@@ -29,10 +29,10 @@ from loramoe.attach import attach, trainable_parameters
 from loramoe.data import DataCollator, read_records, tokenize_records
 from loramoe.errors import OutputFolderError
 from loramoe.fileio import atomic_write_text
-from loramoe.run_folder import check_resume, clear, prepare_output, run_identity
 from loramoe.serialization import load_adapter, read_adapter_config
-from loramoe.train_settings import adapter_config, adapter_summary, check_init_adapter, check_settings, saved_config
-from loramoe.trainer import (
+from loramoe.train.run_folder import check_resume, clear, prepare_output, run_identity
+from loramoe.train.settings import adapter_config, adapter_summary, check_init_adapter, check_settings, saved_config
+from loramoe.train.trainer import (
     LoraMoETrainer,
     TensorBoardLogs,
     checkpoint_run,
@@ -133,7 +133,7 @@ def train(
         batch_size: sequences per device per micro-batch.
         grad_accum: micro-batches per optimizer step.
         group_by_length: batches of records of similar length, in random order (less padding:
-            40 % fewer tokens on the lab's mix; see ``loramoe.sampling``).
+            40 % fewer tokens on the lab's mix; see ``loramoe.train.sampling``).
         warmup_ratio: share of the steps spent warming the learning rate up (< 1).
         scheduler: learning-rate schedule (a transformers scheduler name: cosine, linear, constant...).
         weight_decay: AdamW weight decay.

@@ -12,7 +12,7 @@ rank ``expert_rank``); ``full`` has one size. Every ``eval_every`` steps the cal
   distribution, its KL excess and the top-1 variant, the adapter on and off in one pass.
 
 Step 0 is the base model (the adapters start as the identity), measured once per sweep. The laws
-are fitted per method by :mod:`loramoe.scaling_report`. Adapters are scaled as in the paper's
+are fitted per method by :mod:`loramoe.scaling.report`. Adapters are scaled as in the paper's
 rsLoRA runs: ``alpha = scale * sqrt(r)``, so the update is ``scale / sqrt(r) * B A`` at every rank.
 A run whose ``points.json`` holds the same settings is reused, not trained again.
 """
@@ -41,9 +41,9 @@ from loramoe.data import IGNORE_INDEX, DataCollator, read_records, tokenize_reco
 from loramoe.errors import UsageError
 from loramoe.fileio import atomic_write_text, ensure_writable_folder
 from loramoe.forgetting import distribution_shift
-from loramoe.scaling_report import write_report
+from loramoe.scaling.report import write_report
 from loramoe.suites import load_suite, to_training_records
-from loramoe.train import Method, train
+from loramoe.train.main import Method, train
 
 Metric = Literal["forgetting_ce", "kl", "top1_ce"]
 
