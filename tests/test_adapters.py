@@ -186,7 +186,7 @@ def test_disabled_adapters_give_the_base_output(arch, kind):
 
 
 def test_loramoe_layer_equals_loop_reference_in_a_model():
-    model, batch = BUILDERS["llama"](), random_batch()
+    model = BUILDERS["llama"]()
     loramoe.attach(model, CASES["loramoe"])
     for _, layer in loramoe.adapter_layers(model):
         torch.nn.init.normal_(layer.lora_B)

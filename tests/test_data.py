@@ -13,11 +13,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from loramoe.data import (IGNORE_INDEX, PLAIN_TEMPLATE, DataCollator, DataError, Record, read_records,
-                          tokenize_records)
+from loramoe.data import IGNORE_INDEX, PLAIN_TEMPLATE, DataCollator, DataError, Record, read_records, tokenize_records
 
-WORDS = ("[UNK] [PAD] </s> ### Instruction Response System : < > user assistant system bot "
-         "what is the capital of France Peru Paris Lima be brief a b c d e").split()
+WORDS = ["[UNK]", "[PAD]", "</s>", "###", "Instruction", "Response", "System", ":", "<", ">", "user", "assistant", "system", "bot", "what", "is", "the", "capital", "of", "France", "Peru", "Paris", "Lima", "be", "brief", "a", "b", "c", "d", "e"]
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}> {{ m.content }} </s> {% endfor %}"
                  "{% if add_generation_prompt %}<assistant> {% endif %}")
 RECORDS = [
@@ -146,8 +144,8 @@ BAD_JSONL = [  # (second line of the file, what the error must say after "d.json
     ('{"instruction": ["a"], "output": "b"}', r"field 'instruction' must be a string, found list"),
     ('{"instruction": "a", "input": 1.5, "output": "b"}', r"field 'input' must be a string, found float"),
     ('{"instruction": "a", "output": "b", "type": 2}', r"field 'type' must be a string, found int"),
-    ('{"prompt": "a", "completion": "b"}', r"a record needs fields 'instruction' and 'output', or 'messages' "
-                                           r"\(found: prompt, completion\)"),
+    ('{"prompt": "a", "completion": "b"}', (r"a record needs fields 'instruction' and 'output', or 'messages' "
+                                           r"\(found: prompt, completion\)")),
     ('{"messages": [{"role": "user", "content": "a"}], "output": "b"}',
      r"field 'messages' and field 'output' in one record"),
     ('{"messages": "a"}', r"field 'messages' must be a non-empty list of messages, found str"),
@@ -159,8 +157,8 @@ BAD_JSONL = [  # (second line of the file, what the error must say after "d.json
     ('{"messages": [{"role": 1, "content": "a"}]}', r"field 'messages\[0\].role' must be a string, found int"),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}',
      r"field 'messages\[1\].role' is 'bot', expected 'assistant'"),
-    ('{"messages": [{"role": "assistant", "content": "a"}]}', r"field 'messages\[0\].role' is 'assistant', "
-                                                              r"expected 'user'"),
+    ('{"messages": [{"role": "assistant", "content": "a"}]}', (r"field 'messages\[0\].role' is 'assistant', "
+                                                              r"expected 'user'")),
     ('{"messages": [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]}',
      r"field 'messages' must end with the assistant's response, not a 'user' message"),
     ("[1, 2]", r"a record must be an object, found list"),
@@ -250,10 +248,10 @@ def test_skip_bad_counts_and_warns_per_file(tmp_path):
     assert skipped == 3 and [r.source for r in records] == [f"{first}:1", f"{first}:4", f"{second}:2",
                                                             "<list>[0]", "<list>[1]"]
     messages = [str(w.message) for w in caught]
-    assert messages == [f"{first}: skipped 2 bad record(s) of 4; the first: {first}:2: invalid JSON: "
-                        f"Expecting value (column 1)",
-                        f"{second}: skipped 1 bad record(s) of 2; the first: {second}:3: expected 2 fields "
-                        f"(as the header), found 1"]
+    assert messages == [(f"{first}: skipped 2 bad record(s) of 4; the first: {first}:2: invalid JSON: "
+                        f"Expecting value (column 1)"),
+                        (f"{second}: skipped 1 bad record(s) of 2; the first: {second}:3: expected 2 fields "
+                        f"(as the header), found 1")]
 
 
 def test_skip_bad_with_nothing_good_left_is_an_error(tmp_path):
@@ -324,8 +322,8 @@ def test_truncation_keeps_the_start_and_warns_once_with_the_count(chat_template)
         warnings.simplefilter("always")
         data = tokenize_records(records, tokenizer, max_length=20)
     assert [str(w.message) for w in caught] == [
-        "3 of 4 samples are longer than max_length=20 tokens and were truncated, keeping the start; "
-        "1 of them kept nothing of the response and were dropped (nothing to learn)"]
+        ("3 of 4 samples are longer than max_length=20 tokens and were truncated, keeping the start; "
+        "1 of them kept nothing of the response and were dropped (nothing to learn)")]
     full = tokenize_records(records, tokenizer, max_length=1000)
     assert len(data) == 3  # the one whose prompt fills max_length is dropped
     for cut, whole in zip(data, full):

@@ -10,8 +10,20 @@ import pytest
 import sacrebleu
 import torch
 
-from loramoe.metrics import (accuracy, bleu, chrf, contains_answer, exact_match, label_match, lm_loss,
-                             normalize_answer, per_item, rouge_l, score, token_f1)
+from loramoe.metrics import (
+    accuracy,
+    bleu,
+    chrf,
+    contains_answer,
+    exact_match,
+    label_match,
+    lm_loss,
+    normalize_answer,
+    per_item,
+    rouge_l,
+    score,
+    token_f1,
+)
 from loramoe.suites.base import Example
 from tests.conftest import tiny_llama, tiny_tokenizer
 

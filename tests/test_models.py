@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from loramoe import models as loramoe_models
 from tests.conftest import save_tiny
 

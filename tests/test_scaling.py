@@ -4,7 +4,6 @@ outputs of a whole sweep, reuse of finished runs and the command line's list fla
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

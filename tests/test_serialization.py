@@ -191,7 +191,7 @@ def test_a_plain_peft_file_with_bad_values_names_its_own_fields(tmp_path):
 def test_integer_tensors_are_refused(tmp_path):
     loramoe.save_adapter(_trained(tiny_llama(), LoraConfig(r=4, alpha=8)), tmp_path)
     tensors = load_file(tmp_path / WEIGHTS_NAME)
-    key = sorted(tensors)[0]
+    key = min(tensors)
     tensors[key] = tensors[key].to(torch.int32)
     save_file(tensors, tmp_path / WEIGHTS_NAME)
     with pytest.raises(AdapterLoadError, match=f"key '{key}' holds torch.int32 values, not floating point"):

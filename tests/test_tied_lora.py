@@ -74,7 +74,7 @@ def test_one_pair_per_name_is_one_parameter_in_every_layer(arch):
     layers = _layers_by_name(model)
     assert sorted(layers) == sorted(NAMES[arch])
     pointers = set()
-    for name, group in layers.items():
+    for group in layers.values():
         assert len(group) == 2
         assert all(layer.lora_A is group[0].lora_A and layer.lora_B is group[0].lora_B for layer in group)
         assert len({layer.lora_A.data_ptr() for layer in group}) == 1

@@ -3,14 +3,14 @@
 from loramoe import models
 from loramoe.adapters import LoraConfig, LoraMoEConfig, MergeError, TiedLoraConfig
 from loramoe.attach import (
-                            adapter_config,
-                            adapter_layers,
-                            attach,
-                            detach,
-                            disabled_adapters,
-                            merge,
-                            trainable_parameters,
-                            unmerge,
+    adapter_config,
+    adapter_layers,
+    attach,
+    detach,
+    disabled_adapters,
+    merge,
+    trainable_parameters,
+    unmerge,
 )
 from loramoe.export import export_lora
 from loramoe.routing import capture_routing
@@ -18,8 +18,23 @@ from loramoe.serialization import AdapterLoadError, load_adapter, save_adapter
 from loramoe.targets import TargetError
 
 __all__ = [
+    "AdapterLoadError",
+    "LoraConfig",
+    "LoraMoEConfig",
+    "MergeError",
+    "TargetError",
+    "TiedLoraConfig",
+    "adapter_config",
+    "adapter_layers",
+    "attach",
+    "capture_routing",
+    "detach",
+    "disabled_adapters",
+    "export_lora",
+    "load_adapter",
+    "merge",
     "models",
-    "LoraConfig", "LoraMoEConfig", "TiedLoraConfig", "attach", "detach", "merge", "unmerge", "save_adapter",
-    "load_adapter", "export_lora", "trainable_parameters", "adapter_config", "adapter_layers", "disabled_adapters",
-    "capture_routing", "AdapterLoadError", "MergeError", "TargetError",
+    "save_adapter",
+    "trainable_parameters",
+    "unmerge",
 ]

@@ -57,9 +57,9 @@ def find_targets(model: nn.Module, target_modules: list[str] | str | None) -> li
     targets = default_targets(model) if target_modules is None else target_modules
     if isinstance(targets, str):
         pattern = re.compile(targets)
-        matches = lambda path: pattern.fullmatch(path) is not None  # noqa: E731
+        matches = lambda path: pattern.fullmatch(path) is not None
     else:
-        matches = lambda path: any(_name_matches(path, t) for t in targets)  # noqa: E731
+        matches = lambda path: any(_name_matches(path, t) for t in targets)
     found = []
     for path, module in model.named_modules():
         if not path or not matches(path) or ".base_layer" in path:
