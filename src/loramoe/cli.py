@@ -17,7 +17,7 @@ import yaml
 from jsonargparse import auto_cli, set_loader
 
 from loramoe.demo import run_demo
-from loramoe.errors import LoramoeError
+from loramoe.errors import LoramoeError, UsageError
 from loramoe.evaluate import evaluate
 from loramoe.lab import lab
 from loramoe.scaling import scaling
@@ -32,12 +32,24 @@ def _underscored(value: Any) -> Any:
     return value
 
 
+PAPER_ALIASES = {"lora_nums": "num_experts", "blc_alpha": "balance_delta", "blc_weight": "balance_weight"}
+"""Config keys of the paper's code (Ablustrund/LoRAMoE), read as ours."""
+
+
 def _load_config(text: str) -> Any:
-    return _underscored(yaml.safe_load(text))
+    config = _underscored(yaml.safe_load(text))
+    if isinstance(config, dict):
+        for theirs, ours in PAPER_ALIASES.items():
+            if theirs in config:
+                if ours in config:
+                    raise UsageError(f"config: both '{theirs}' (the paper code's name) and '{ours}' are set; keep one")
+                print(f"loramoe: note: config key '{theirs}' is read as '{ours}'", file=sys.stderr)
+                config[ours] = config.pop(theirs)
+    return config
 
 
 COMMANDS = {"lab": lab, "demo": run_demo, "train": train, "eval": evaluate, "scaling": scaling}
-LIST_FLAGS = {"--data", "--target_modules", "--train_data"}
+LIST_FLAGS = {"--data", "--target_modules", "--train_data", "--columns"}
 """Flags that take several values, written the usual way: ``--data a.jsonl b.csv``."""
 BOOL_FLAGS = {f"--{name}" for command in COMMANDS.values()
               for name, kind in typing.get_type_hints(command).items() if kind is bool}

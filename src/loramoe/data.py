@@ -5,17 +5,12 @@ A record is ``{"instruction", "input"?, "output", "type"?}`` or ``{"messages": [
 ``input`` joining the instruction after a blank line in one user message (so a chat template and
 the plain template see the same text). Messages are an optional system message, then user and
 assistant turns alternating, which every template can render. ``type`` is a free string naming
-the expert group of a sample. A ``null`` or an empty CSV cell counts as absent (Parquet and CSV
+the expert group of a sample; records in the paper's own format, ``task_type`` 1 or 0 instead of
+``type``, are typed ``knowledge`` and ``task``. A ``null`` or an empty CSV cell counts as absent (Parquet and CSV
 cannot tell them apart); other fields are ignored.
 
-Files: ``.jsonl``/``.json`` (JSON Lines, or one JSON array), ``.csv`` (a header row; every cell
-is text, "NA" too) and ``.parquet``, parsed with the json and csv modules and pyarrow rather than
-``datasets.load_dataset``, whose JSON reader turns answers that look like dates into timestamps,
-whose CSV reader (pandas) reads "NA" as missing and drops a first row's extra field, which names
-no line for a problem, and which copies each Parquet file into its cache and fails on one without
-rows. Records are held in memory anyway; ``tokenize_records`` returns a ``datasets.Dataset``.
-``Record.source``, which starts every error, is ``path:line`` (1-based) for JSON Lines and CSV,
-``path[i]`` (0-based) for JSON arrays and Parquet rows, ``<list>[i]`` for lists.
+Where records come from (files, ``datasets`` folders, the hub, column mappings) is
+:mod:`loramoe.data_sources`.
 
 Prompts use the tokenizer's chat template when it has one; otherwise ``PLAIN_TEMPLATE`` per user
 turn, ``"### System:\\n{content}\\n\\n"`` for a system message, each earlier answer and a blank
@@ -27,23 +22,19 @@ earlier answers are context only, as multi-turn data often holds answers nobody 
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import datasets
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from loramoe.errors import LoramoeError, UsageError
+from loramoe.data_sources import map_columns, open_source, parse_columns
+from loramoe.errors import DataError, UsageError
 
 PLAIN_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 """The prompt of a user turn for tokenizers without a chat template (the response follows it)."""
@@ -61,11 +52,6 @@ _FEATURES = datasets.Features({
 })
 
 
-class DataError(LoramoeError, ValueError):
-    """Bad training data. The message starts with where (``path:line``, 1-based, for JSON Lines and
-    CSV; ``path[i]``, 0-based, for JSON arrays, Parquet and lists) and names the field."""
-
-
 @dataclass(frozen=True)
 class Record:
     messages: list[dict[str, str]]
@@ -75,18 +61,23 @@ class Record:
     """Where the record came from, for error messages: ``file.jsonl:12`` or ``<list>[3]``."""
 
 
-def read_records(sources: Sequence[str | os.PathLike | list[dict]], *,
-                 skip_bad: bool = False) -> tuple[list[Record], int]:
+def read_records(sources: Sequence[str | os.PathLike | list[dict]], *, skip_bad: bool = False,
+                 columns: Sequence[str] | Mapping[str, str] | None = None) -> tuple[list[Record], int]:
     """Reads every source in order; returns the records and the number of bad records skipped (0
     unless ``skip_bad``). With ``skip_bad=False`` the first bad record raises DataError. With
     ``skip_bad=True`` bad records are skipped, counted, and a warning reports the count per file.
-    An empty file (or one where every record is bad) is always an error."""
+    An empty file (or one where every record is bad) is always an error. A source is a file, a
+    ``datasets`` folder (``folder`` or ``folder:split``), a hub dataset (``hub:NAME[:CONFIG]:SPLIT``)
+    or a list of dicts; ``columns`` maps each row's columns to record fields
+    (:mod:`loramoe.data_sources`)."""
     if isinstance(sources, (str, os.PathLike)):
         raise TypeError("read_records takes a list of sources; put the single path in a list")
+    mapping = parse_columns(columns)
     records: list[Record] = []
     skipped = 0
     for source in sources:
-        name, entries = _open(source)
+        name, entries = open_source(source)
+        entries = map_columns(entries, mapping)
         before, bad, first_error = len(records), 0, None
         for where, raw in entries:
             try:
@@ -104,84 +95,6 @@ def read_records(sources: Sequence[str | os.PathLike | list[dict]], *,
                           stacklevel=2)
         skipped += bad
     return records, skipped
-
-
-def _open(source: str | os.PathLike | list[dict]) -> tuple[str, Iterable[tuple[str, object]]]:
-    """The name of a source and its ``(where, raw record)`` pairs. A record a reader cannot parse
-    comes as the DataError saying why, so whether to skip it is decided in one place."""
-    if isinstance(source, list):
-        return "<list>", ((f"<list>[{i}]", raw) for i, raw in enumerate(source))
-    if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"a source is a path or a list of records, not {type(source).__name__}")
-    path = Path(source)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    reader = _READERS.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(f"{path}: unknown file type '{path.suffix}'; use .jsonl, .json, .csv or .parquet")
-    return str(path), reader(path)
-
-
-def _invalid_json(where: str, error: ValueError) -> DataError:
-    detail = f"{error.msg} (column {error.colno})" if isinstance(error, json.JSONDecodeError) else error
-    return DataError(f"{where}: invalid JSON: {detail}")
-
-
-def _json_entries(path: Path) -> Iterator[tuple[str, object]]:
-    with open(path, "rb") as f:
-        if f.read(1 << 16).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-            f.seek(0)
-            try:
-                items = json.loads(f.read())
-            except ValueError as error:  # one broken array: nothing in it can be trusted, so never skipped
-                where = f"{path}:{error.lineno}" if isinstance(error, json.JSONDecodeError) else str(path)
-                raise _invalid_json(where, error) from None
-            yield from ((f"{path}[{i}]", item) for i, item in enumerate(items))
-            return
-        f.seek(0)
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                source = f"{path}:{lineno}"
-                try:
-                    yield source, json.loads(line)  # from bytes: a UTF-8 BOM on the first line is fine
-                except ValueError as error:
-                    yield source, _invalid_json(source, error)
-
-
-def _csv_entries(path: Path) -> Iterator[tuple[str, object]]:
-    end = 0  # the line the previous row ended on: quoted cells may span lines
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            rows = csv.reader(f, strict=True)  # strict: a stray quote is an error, not a swallowed line
-            header = next(rows, None)
-            if header is None:
-                return
-            end = rows.line_num
-            for row in rows:
-                source, end = f"{path}:{end + 1}", rows.line_num
-                if len(row) <= 1 and not "".join(row).strip():  # a blank line, not a record
-                    continue
-                if len(row) != len(header):
-                    problem = f"expected {len(header)} fields (as the header), found {len(row)}"
-                    yield source, DataError(f"{source}: {problem}")
-                else:
-                    yield source, {key: value for key, value in zip(header, row) if value != ""}
-    except csv.Error as error:  # the file cannot be split into rows after this point
-        raise DataError(f"{path}:{end + 1}: invalid CSV: {error}") from None
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text: {error.reason}") from None
-
-
-def _parquet_entries(path: Path) -> Iterator[tuple[str, object]]:
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except (OSError, pa.ArrowException) as error:
-        raise DataError(f"{path}: cannot read Parquet: {error}") from None
-    return ((f"{path}[{i}]", row) for i, row in enumerate(rows))
-
-
-_READERS = {".jsonl": _json_entries, ".json": _json_entries, ".csv": _csv_entries,
-            ".parquet": _parquet_entries}
 
 
 def _string(fields: Mapping[str, Any], key: str, source: str, label: str | None = None, *,
@@ -203,6 +116,8 @@ def _to_record(raw: object, source: str) -> Record:
         raise DataError(f"{source}: a record must be an object, found {type(raw).__name__}")
     fields = {key: value for key, value in raw.items() if value is not None}
     record_type = _string(fields, "type", source, required=False)
+    if record_type is None and "task_type" in fields:
+        record_type = _paper_type(fields["task_type"], source)
     if "messages" in fields:
         if fields.keys() & _INSTRUCTION_FIELDS:
             other = min(fields.keys() & _INSTRUCTION_FIELDS)
@@ -218,6 +133,17 @@ def _to_record(raw: object, source: str) -> Record:
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
     return Record([{"role": "user", "content": prompt}, {"role": "assistant", "content": output}],
                   record_type, source)
+
+
+PAPER_TYPES = {1: "knowledge", 0: "task"}
+"""The paper's code marks a record ``task_type`` 1 (world knowledge) or 0 (the other tasks)."""
+
+
+def _paper_type(value: object, source: str) -> str:
+    if isinstance(value, bool) or value not in PAPER_TYPES:
+        raise DataError(f"{source}: field 'task_type' is {value!r}; the paper's format has 1 (world knowledge, "
+                        "type 'knowledge') or 0 (other tasks, type 'task')")
+    return PAPER_TYPES[value]
 
 
 def _messages(value: object, source: str) -> list[dict[str, str]]:

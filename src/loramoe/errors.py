@@ -18,6 +18,11 @@ class UsageError(LoramoeError, ValueError):
     """A flag, argument or setting has a value the run cannot use."""
 
 
+class DataError(LoramoeError, ValueError):
+    """Bad training data. The message starts with where (``path:line``, 1-based, for JSON Lines and
+    CSV; ``path[i]``, 0-based, for JSON arrays, Parquet, datasets and lists) and names the field."""
+
+
 class MissingFileError(LoramoeError, FileNotFoundError):
     """A file or folder the run needs is not there."""
 

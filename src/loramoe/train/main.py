@@ -75,6 +75,7 @@ def train(
     route_weight: float | None = None,
     route_target: float | None = None,
     require_types: bool = False,
+    columns: list[str] | None = None,
     max_steps: int | None = None,
     epochs: float = 1.0,
     max_length: int = 1024,
@@ -101,7 +102,9 @@ def train(
     """Fine-tune a model on instruction data and write the result to ``output``.
 
     Args:
-        data: training files (JSONL, JSON, CSV, Parquet) in the documented record format.
+        data: training data in the documented record format: files (JSONL, JSON, CSV, Parquet),
+            ``datasets`` folders written by ``save_to_disk`` (``folder`` or ``folder:split``), or
+            hub datasets (``hub:NAME[:CONFIG]:SPLIT``); see ``columns`` for other column names.
         model: ``smollm2-135m`` (embedded), a local folder or a Hugging Face hub id.
         method: ``loramoe``, ``lora``, ``tied-lora`` or ``full`` fine-tuning.
         output: run folder (final adapter or model, config, summary, checkpoints, logs). It must be
@@ -124,6 +127,9 @@ def train(
             each typed sample's gate mass towards its own group (default 0: off).
         route_target: share of a typed sample's gate mass the routing objective sends to its own
             group, in (0, 1) (default 0.9).
+        columns: how a source's columns become record fields, ``field=column`` each, e.g.
+            ``instruction=question output=answer.value type=@knowledge`` (a dotted path reads a
+            nested column, ``@text`` is a constant); for hub datasets and datasets folders above all.
         require_types: every record must have a type that an expert group claims (without it,
             records of types no group claims train untyped, and one warning counts them).
         max_steps: optimizer steps (at least 1); left out, ``epochs`` epochs.
@@ -159,7 +165,7 @@ def train(
     started = time.time()
     output = Path(output)
     held = prepare_output(output, resume=resume, overwrite=overwrite)
-    records, skipped = read_records(data, skip_bad=skip_bad_records)
+    records, skipped = read_records(data, skip_bad=skip_bad_records, columns=columns)
     identity = run_identity(settings, records)
     checkpoints = output / "checkpoints"
     last_checkpoint = None

@@ -28,11 +28,12 @@ RUN_FILES = ("train_config.yaml", "train_summary.json", "adapter_config.json", "
              "model.safetensors", "config.json", "checkpoints", "logs")
 """Names that only a run folder holds: ``--overwrite`` clears a folder that has one of them."""
 
-NOT_IDENTITY = {"data", "output", "resume", "overwrite", "logging_steps", "save_steps", "save_total_limit",
+NOT_IDENTITY = {"data", "columns", "output", "resume", "overwrite", "logging_steps", "save_steps", "save_total_limit",
                 "trust_remote_code", "gradient_checkpointing", "skip_bad_records", "require_types", "callbacks"}
 """Settings that do not change what a run computes: where it reads and writes (the data enter
 through their hash), how often it logs and saves, what it checks, and how it trades memory for
-time (gradient checkpointing gives the same training)."""
+time (gradient checkpointing gives the same training). The data, as read and mapped into records,
+enter through their hash."""
 
 
 def data_hash(records: Sequence[Record]) -> str:

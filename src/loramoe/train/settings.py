@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from loramoe.adapters import AdapterConfig, LoraConfig, LoraMoEConfig, TiedLoraConfig
+from loramoe.data_sources import split_folder_spec
 from loramoe.errors import UsageError
 
 ADAPTER_FLAGS = {"rank": "r", "alpha": "alpha", "dropout": "dropout", "target_modules": "target_modules",
@@ -107,10 +108,18 @@ def absolute(path: str | None) -> str | None:
     return str(Path(path).resolve())
 
 
+def absolute_source(source: str) -> str:
+    """A data source with its local path made absolute (``folder:split`` included; hub ids as they are)."""
+    folder = split_folder_spec(source)
+    if folder is not None and folder[1] is not None:
+        return f"{folder[0].resolve()}:{folder[1]}"
+    return absolute(source)
+
+
 def saved_config(s: Mapping[str, Any]) -> dict[str, Any]:
     """``train_config.yaml``'s content: the flags (dashed, as typed) with absolute paths, no output."""
     kept = {key: value for key, value in s.items() if key not in NOT_SAVED}
-    kept["data"] = [absolute(str(path)) for path in s["data"]]
+    kept["data"] = [absolute_source(str(source)) for source in s["data"]]
     kept["model"] = absolute(s["model"])
     kept["init_adapter"] = absolute(None if s["init_adapter"] is None else str(s["init_adapter"]))
     return {key.replace("_", "-"): value for key, value in kept.items()}
