@@ -49,7 +49,7 @@ def _load_config(text: str) -> Any:
 
 
 COMMANDS = {"lab": lab, "demo": run_demo, "train": train, "eval": evaluate, "scaling": scaling}
-LIST_FLAGS = {"--data", "--target_modules", "--train_data", "--columns"}
+LIST_FLAGS = {"--data", "--val_data", "--target_modules", "--train_data", "--columns"}
 """Flags that take several values, written the usual way: ``--data a.jsonl b.csv``."""
 BOOL_FLAGS = {f"--{name}" for command in COMMANDS.values()
               for name, kind in typing.get_type_hints(command).items() if kind is bool}

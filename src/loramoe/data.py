@@ -22,6 +22,7 @@ earlier answers are context only, as multi-turn data often holds answers nobody 
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections import Counter
@@ -59,6 +60,12 @@ class Record:
     type: str | None
     source: str
     """Where the record came from, for error messages: ``file.jsonl:12`` or ``<list>[3]``."""
+
+
+def record_content(record: Record) -> bytes:
+    """A record's conversation and type as bytes: what hashing a record (the run's data hash, the
+    validation split) must see, and nothing of where it came from."""
+    return json.dumps([record.messages, record.type], sort_keys=True).encode()
 
 
 def read_records(sources: Sequence[str | os.PathLike | list[dict]], *, skip_bad: bool = False,

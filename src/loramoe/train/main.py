@@ -24,7 +24,7 @@ from transformers import TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 
 from loramoe import models
-from loramoe.adapters import LoraMoEConfig
+from loramoe.adapters import LAYER_CLASSES, LoraMoEConfig
 from loramoe.attach import attach, trainable_parameters
 from loramoe.data import DataCollator, read_records, tokenize_records
 from loramoe.errors import OutputFolderError
@@ -40,10 +40,13 @@ from loramoe.train.trainer import (
     finished_checkpoint,
     remove_incomplete_checkpoints,
 )
+from loramoe.train.validation import callbacks as validation_callbacks
+from loramoe.train.validation import check_validation, outcome, split_validation
+from loramoe.train.validation import training_arguments as validation_arguments
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["loramoe", "lora", "tied-lora", "full"]
+Method = Literal[(*LAYER_CLASSES, "full")]  # from the table, so a new adapter kind is a --method with no edit here
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Importance = Literal["mean", "sum"]
 
@@ -91,6 +94,10 @@ def train(
     save_steps: int = 500,
     save_total_limit: int | None = 2,
     logging_steps: int = 10,
+    val_data: list[str] | None = None,
+    val_split: float | None = None,
+    eval_steps: int | None = None,
+    early_stopping: int | None = None,
     resume: bool = False,
     overwrite: bool = False,
     init_adapter: Path | None = None,
@@ -148,6 +155,13 @@ def train(
         save_steps: write a checkpoint every this many steps.
         save_total_limit: keep at most this many checkpoints (None keeps all).
         logging_steps: log every this many steps.
+        val_data: validation data (the same forms as ``data``): its loss is logged every
+            ``eval_steps``, and the checkpoint where it is lowest becomes the final adapter.
+        val_split: instead of ``val_data``, this share of the records, chosen by their content
+            (the same records in every run), held out for validation.
+        eval_steps: steps between validations (default: ``save_steps``, of which it must be a divisor).
+        early_stopping: stop after this many validations without a lower loss (the Tied LoRA
+            paper uses 10); needs ``val_data`` or ``val_split``.
         resume: continue from the last complete checkpoint in ``output/checkpoints``, which must
             have been written by a run with the same settings and data (else an error names the
             first difference).
@@ -162,11 +176,15 @@ def train(
     """
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "callbacks"}
     check_settings(settings)
+    check_validation(settings)
     started = time.time()
     output = Path(output)
     held = prepare_output(output, resume=resume, overwrite=overwrite)
     records, skipped = read_records(data, skip_bad=skip_bad_records, columns=columns)
-    identity = run_identity(settings, records)
+    val_records = read_records(val_data, skip_bad=skip_bad_records, columns=columns)[0] if val_data else []
+    identity = run_identity(settings, records, val_records)
+    if val_split is not None:
+        records, val_records = split_validation(records, val_split)
     checkpoints = output / "checkpoints"
     last_checkpoint = None
     if resume:
@@ -201,6 +219,8 @@ def train(
     logger.info("%s", params)
     dataset = tokenize_records(records, tokenizer, max_length=max_length, type_ids=type_ids,
                                require_types=require_types)
+    val_dataset = (tokenize_records(val_records, tokenizer, max_length=max_length, type_ids=type_ids)
+                   if val_records else None)
     args = TrainingArguments(
         output_dir=str(checkpoints), max_steps=-1 if max_steps is None else max_steps, num_train_epochs=epochs,
         learning_rate=lr, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
@@ -210,10 +230,12 @@ def train(
         activation_checkpointing=gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},  # reentrant would cut the router's graph
         remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
-        use_cpu=not torch.cuda.is_available(), **_precision(precision))
-    trainer = LoraMoETrainer(model=base, args=args, train_dataset=dataset, data_collator=DataCollator(tokenizer),
-                             group_by_length=group_by_length, run_identity=identity,
-                             callbacks=[TensorBoardLogs(output / "logs"), *callbacks])
+        use_cpu=not torch.cuda.is_available(), **_precision(precision),
+        **validation_arguments(settings, val_dataset is not None))
+    trainer = LoraMoETrainer(model=base, args=args, train_dataset=dataset, eval_dataset=val_dataset,
+                             data_collator=DataCollator(tokenizer), group_by_length=group_by_length,
+                             run_identity=identity,
+                             callbacks=[TensorBoardLogs(output / "logs"), *validation_callbacks(settings), *callbacks])
     trainer.accelerator.wait_for_everyone()  # every process has checked the folder before it changes
     if trainer.args.should_save:
         if overwrite and held:
@@ -247,6 +269,8 @@ def train(
         "trainable_parameters": params.trainable, "total_parameters": params.total,
         "adapter": adapter_summary(config), "data_sha256": identity["data_sha256"],
         "resumed_from": str(last_checkpoint) if last_checkpoint else None,
+        "validation": (outcome(trainer.state, len(val_records), trainer.state.max_steps)
+                       if val_dataset is not None else None),
     }
     if trainer.args.should_save:
         atomic_write_text(output / "train_summary.json", json.dumps(summary, indent=2) + "\n")

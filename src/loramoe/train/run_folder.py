@@ -14,13 +14,12 @@ completion marker; ``--resume`` compares it with the new run's and names the fir
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from loramoe.data import Record
+from loramoe.data import Record, record_content
 from loramoe.errors import OutputFolderError, UsageError
 from loramoe.fileio import WRITE_CHECK, ensure_writable_folder
 
@@ -28,7 +27,7 @@ RUN_FILES = ("train_config.yaml", "train_summary.json", "adapter_config.json", "
              "model.safetensors", "config.json", "checkpoints", "logs")
 """Names that only a run folder holds: ``--overwrite`` clears a folder that has one of them."""
 
-NOT_IDENTITY = {"data", "columns", "output", "resume", "overwrite", "logging_steps", "save_steps", "save_total_limit",
+NOT_IDENTITY = {"data", "val_data", "columns", "output", "resume", "overwrite", "logging_steps", "save_steps", "save_total_limit",
                 "trust_remote_code", "gradient_checkpointing", "skip_bad_records", "require_types", "callbacks"}
 """Settings that do not change what a run computes: where it reads and writes (the data enter
 through their hash), how often it logs and saves, what it checks, and how it trades memory for
@@ -41,15 +40,18 @@ def data_hash(records: Sequence[Record]) -> str:
     another file, path or format."""
     digest = hashlib.sha256()
     for record in records:
-        digest.update(json.dumps([record.messages, record.type], sort_keys=True).encode())
+        digest.update(record_content(record))
         digest.update(b"\n")
     return digest.hexdigest()
 
 
-def run_identity(settings: Mapping[str, Any], records: Sequence[Record]) -> dict[str, Any]:
-    """The settings that decide a run's result, and its data's hash."""
+def run_identity(settings: Mapping[str, Any], records: Sequence[Record],
+                 val_records: Sequence[Record] = ()) -> dict[str, Any]:
+    """The settings that decide a run's result, and the hashes of its data and validation data."""
     identity = {key: value for key, value in settings.items() if key not in NOT_IDENTITY}
     identity["data_sha256"] = data_hash(records)
+    if val_records:
+        identity["val_data_sha256"] = data_hash(val_records)
     return identity
 
 
@@ -91,8 +93,8 @@ def check_resume(checkpoint: Path, saved: Mapping[str, Any] | None, identity: Ma
                                 "it cannot be checked against this run; train into a new folder or --overwrite")
     for key in dict.fromkeys([*identity, *saved]):
         if key not in saved or key not in identity or saved[key] != identity[key]:
-            if key == "data_sha256":
-                what = "other data (the records' hash differs)"
+            if key in ("data_sha256", "val_data_sha256"):
+                what = f"other {'validation ' if key.startswith('val') else ''}data (the records' hash differs)"
             else:
                 flag = "--" + key.replace("_", "-")
                 what = f"{flag} {saved.get(key, '(not set)')!r}, this run has {identity.get(key, '(not set)')!r}"

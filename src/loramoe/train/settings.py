@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from loramoe.adapters import AdapterConfig, LoraConfig, LoraMoEConfig, TiedLoraConfig
+from loramoe.adapters import LAYER_CLASSES, AdapterConfig, LoraMoEConfig, TiedLoraConfig
 from loramoe.data_sources import split_folder_spec
 from loramoe.errors import UsageError
 
@@ -58,15 +58,16 @@ def check_settings(s: Mapping[str, Any]) -> None:
     if not 0.0 <= s["warmup_ratio"] < 1.0:
         raise UsageError(f"--warmup-ratio must be in [0, 1), got {s['warmup_ratio']}")
     method = s["method"]
-    foreign = [name for name in LORAMOE_ONLY if s[name] is not None] if method != "loramoe" else []
-    foreign += ["preset"] if method != "tied-lora" and s["preset"] is not None else []
+    foreign = [name for name in LORAMOE_ONLY if s[name] is not None] if method != LoraMoEConfig.method else []
+    foreign += ["preset"] if method != TiedLoraConfig.method and s["preset"] is not None else []
     if method == "full":
         foreign += [name for name in ("rank", "alpha", "dropout", "target_modules") if s[name] is not None]
     if foreign:
         raise UsageError(f"{', '.join(_flag(n) for n in foreign)}: not a setting of --method {method}")
     if method == "full" and s["init_adapter"] is not None:
         raise UsageError("--init-adapter: --method full trains the whole model, not an adapter")
-    if method == "loramoe" and s["num_experts"] is not None and s["groups"] is None and s["init_adapter"] is None:
+    if (method == LoraMoEConfig.method and s["num_experts"] is not None and s["groups"] is None
+            and s["init_adapter"] is None):
         warnings.warn(f"--num-experts {s['num_experts']} without --groups makes one pool of experts: the default "
                       "groups (knowledge: 3, task: 3) are dropped, record types are not used, and the constraint "
                       "only balances the experts. Give --groups (e.g. knowledge=4 task=4) to keep groups.",
@@ -76,8 +77,8 @@ def check_settings(s: Mapping[str, Any]) -> None:
 def adapter_config(s: Mapping[str, Any]) -> AdapterConfig | None:
     """The adapter config the flags ask for (the method's defaults where a flag is left out)."""
     given = {field: s[flag] for flag, field in ADAPTER_FLAGS.items() if s[flag] is not None}
-    config_class = {"lora": LoraConfig, "tied-lora": TiedLoraConfig, "loramoe": LoraMoEConfig}.get(s["method"])
-    return config_class(**given) if config_class is not None else None
+    layer_class = LAYER_CLASSES.get(s["method"])  # None for full fine-tuning
+    return layer_class.config_class(**given) if layer_class is not None else None
 
 
 def check_init_adapter(saved: AdapterConfig, s: Mapping[str, Any], folder: Path) -> None:
@@ -120,6 +121,8 @@ def saved_config(s: Mapping[str, Any]) -> dict[str, Any]:
     """``train_config.yaml``'s content: the flags (dashed, as typed) with absolute paths, no output."""
     kept = {key: value for key, value in s.items() if key not in NOT_SAVED}
     kept["data"] = [absolute_source(str(source)) for source in s["data"]]
+    if s.get("val_data"):
+        kept["val_data"] = [absolute_source(str(source)) for source in s["val_data"]]
     kept["model"] = absolute(s["model"])
     kept["init_adapter"] = absolute(None if s["init_adapter"] is None else str(s["init_adapter"]))
     return {key.replace("_", "-"): value for key, value in kept.items()}

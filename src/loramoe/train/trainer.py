@@ -231,6 +231,11 @@ class LoraMoETrainer(Trainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_adapter(model or self.model, resume_from_checkpoint)
 
+    def _load_best_model(self) -> None:
+        if adapter_config(self.model) is None:
+            return super()._load_best_model()
+        load_adapter(self.model, self.state.best_model_checkpoint)
+
     def _save_checkpoint(self, model, trial) -> None:
         # old checkpoints go only once the new one is complete: the Trainer deletes them as soon as
         # it has written the new folder, and a kill before its marker would leave none to resume
