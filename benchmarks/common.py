@@ -16,16 +16,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.reference
-
-from loramoe.fileio import atomic_write_text  # noqa: E402
+from loramoe.fileio import atomic_write_text
 
 Step = Callable[[], None]
 

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 from loramoe import LoraConfig, LoraMoEConfig, attach
-from tests.reference import loramoe_delta_loop
+from loramoe.reference import loramoe_delta_loop
 
 PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
 
@@ -97,7 +97,7 @@ class CausalLM(nn.Module):
 
 
 class LoopLoraMoELinear(nn.Module):
-    """A frozen linear plus the paper-style per-expert loop (tests/reference.py)."""
+    """A frozen linear plus the paper-style per-expert loop (:mod:`loramoe.reference`)."""
 
     def __init__(self, base: nn.Linear, experts: int, rank: int, alpha: float, dropout: float) -> None:
         super().__init__()

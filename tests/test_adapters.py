@@ -10,8 +10,8 @@ import torch
 import loramoe
 from loramoe import LoraConfig, LoraMoEConfig, MergeError, TiedLoraConfig
 from loramoe.adapters import LoraMoELinear
+from loramoe.reference import loramoe_delta_loop
 from tests.conftest import BUILDERS, random_batch
-from tests.reference import loramoe_delta_loop
 
 CASES = {
     "lora": LoraConfig(r=4, alpha=8, dropout=0.0),

@@ -15,6 +15,7 @@ from loramoe.cli import main as cli_main
 from loramoe.errors import OutputFolderError, UsageError
 from loramoe.evaluate.main import _read_base_eval, evaluate
 from loramoe.suites.base import Benchmark, Example
+from loramoe.suites.registry import KNOWLEDGE, LM_LOSS, suite_names
 from tests.conftest import save_tiny, tiny_llama
 
 
@@ -31,7 +32,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_eval_writes_every_number_and_item_against_the_base(tiny_run, tmp_path):
-    results = evaluate(model=str(tiny_run / "model"), adapter=tiny_run / "adapter", suite="knowledge,tasks,lm-loss",
+    results = evaluate(model=str(tiny_run / "model"), adapter=tiny_run / "adapter", suite=",".join(suite_names()),
                        vs_base=True, output=tmp_path, limit=3, max_new_tokens=4, batch_size=4)
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved == json.loads(json.dumps(results))
@@ -50,15 +51,15 @@ def test_eval_writes_every_number_and_item_against_the_base(tiny_run, tmp_path):
 
 
 def test_eval_cli_and_errors(tiny_run, tmp_path):
-    cli_main(["eval", "--model", str(tiny_run / "model"), "--suite", "lm-loss", "--limit", "2",
+    cli_main(["eval", "--model", str(tiny_run / "model"), "--suite", LM_LOSS, "--limit", "2",
               "--output", str(tmp_path)])
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert list(saved["benchmarks"]) == ["text/wikipedia"] and "drift" not in saved
-    cli_main(["eval", "--model", str(tiny_run / "model"), "--adapter", str(tiny_run / "adapter"), "--suite", "lm-loss",
+    cli_main(["eval", "--model", str(tiny_run / "model"), "--adapter", str(tiny_run / "adapter"), "--suite", LM_LOSS,
               "--limit", "2", "--output", str(tmp_path), "--vs-base"])  # a bare switch
     assert "forgetting" in json.loads((tmp_path / "eval.json").read_text())["benchmarks"]["text/wikipedia"]
     with pytest.raises(ValueError, match="--base-model"):
-        evaluate(model=str(tiny_run / "model"), suite="lm-loss", vs_base=True, output=tmp_path, limit=2)
+        evaluate(model=str(tiny_run / "model"), suite=LM_LOSS, vs_base=True, output=tmp_path, limit=2)
 
 
 def test_eval_against_a_saved_base_eval_on_items_the_training_data_does_not_give_away(tiny_run, tmp_path):
@@ -67,7 +68,7 @@ def test_eval_against_a_saved_base_eval_on_items_the_training_data_does_not_give
     given_away = load_benchmark("knowledge/capital", limit=4).test[0]
     train_file = tmp_path / "train.jsonl"
     train_file.write_text(json.dumps({"instruction": given_away.prompt, "output": given_away.answers[0]}) + "\n")
-    settings = {"suite": "knowledge/capital,text/wikipedia", "limit": {"knowledge": 4, "lm-loss": 2},
+    settings = {"suite": "knowledge/capital,text/wikipedia", "limit": {KNOWLEDGE: 4, LM_LOSS: 2},
                 "train_data": [str(train_file)], "max_new_tokens": 3, "batch_size": 4}
     base = evaluate(model=str(tiny_run / "model"), output=tmp_path / "base", **settings)
     capital = base["benchmarks"]["knowledge/capital"]
@@ -86,7 +87,7 @@ def test_eval_against_a_saved_base_eval_on_items_the_training_data_does_not_give
         evaluate(model=str(tiny_run / "model"), adapter=tiny_run / "adapter", base_eval=tmp_path / "base" / "eval.json",
                  output=tmp_path / "other", **{**settings, "limit": 2})
     with pytest.raises(ValueError, match="unknown suites or benchmarks: knowlege"):
-        evaluate(model=str(tiny_run / "model"), suite="lm-loss", limit={"knowlege": 2}, output=tmp_path)
+        evaluate(model=str(tiny_run / "model"), suite=LM_LOSS, limit={"knowlege": 2}, output=tmp_path)
 
 
 BASE_EVAL_BENCHMARKS = [
@@ -147,13 +148,13 @@ def test_an_unwritable_output_fails_before_any_model_is_loaded(tmp_path, monkeyp
     monkeypatch.setattr(evaluate_module.models, "load", never)
     (tmp_path / "taken").write_text("a file")
     with pytest.raises(OutputFolderError, match="--output .*taken: not a folder"):
-        evaluate(model="never-loaded", suite="lm-loss", output=tmp_path / "taken")
+        evaluate(model="never-loaded", suite=LM_LOSS, output=tmp_path / "taken")
     with pytest.raises(OutputFolderError, match="--output .*taken/sub: cannot write there"):
-        evaluate(model="never-loaded", suite="lm-loss", output=tmp_path / "taken" / "sub")
+        evaluate(model="never-loaded", suite=LM_LOSS, output=tmp_path / "taken" / "sub")
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     if not os.access(locked, os.W_OK):  # root writes anywhere: the mode cannot make it fail then
         with pytest.raises(OutputFolderError, match="--output .*locked: cannot write there"):
-            evaluate(model="never-loaded", suite="lm-loss", output=locked)
+            evaluate(model="never-loaded", suite=LM_LOSS, output=locked)
     with pytest.raises(UsageError, match="--suite ',' names nothing"):
         evaluate(model="never-loaded", suite=",", output=tmp_path / "out")

@@ -11,6 +11,7 @@ import pytest
 
 from loramoe import models as loramoe_models
 from loramoe.fileio import atomic_write_text
+from loramoe.plots import pyplot, save_figure
 
 
 @contextmanager
@@ -44,3 +45,14 @@ def test_the_converted_model_cache_is_readable_by_others_under_the_usual_umask(t
     with umask(0o022):
         folder = loramoe_models.embedded_model_dir("smollm2-135m")
     assert mode(folder) == 0o755 and mode(folder / "config.json") == 0o644
+
+
+def test_figures_are_saved_with_the_umask_mode_and_closed(tmp_path):
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    with umask(0o027):
+        save_figure(fig, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert mode(tmp_path / "plot.png") == 0o640 and not plt.fignum_exists(fig.number)
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]  # no temporary left behind

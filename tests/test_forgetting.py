@@ -5,8 +5,8 @@ import torch
 
 import loramoe
 from loramoe import LoraConfig, LoraMoEConfig
-from loramoe.forgetting import distribution_shift, knowledge_change, parameter_drift, summarize_drift
 from loramoe.evaluate.router_analysis import gate_shares, group_share, save_gate_shares
+from loramoe.forgetting import distribution_shift, knowledge_change, parameter_drift, summarize_drift
 from tests.conftest import tiny_llama, tiny_tokenizer
 
 TEXTS = ["w3 w4 w5 w6 w7", "w9 w8", "w20 w21 w22 w23 w24 w25 w26", "w40"]

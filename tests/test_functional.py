@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramoe.functional import dropout_positions, drop_inputs, lora_delta, lora_delta_weight, loramoe_delta, router_gates
+from loramoe.functional import drop_inputs, dropout_positions, lora_delta, lora_delta_weight, loramoe_delta
 from loramoe.fused import Member, inference_plan, loramoe_group, loramoe_group_inference
-from tests.reference import loramoe_delta_loop
+from loramoe.reference import loramoe_delta_loop
+from loramoe.router import router_gates
 
 
 def _random_loramoe(e=6, r=4, d_in=24, d_out=40, seed=0):

@@ -11,8 +11,8 @@ import torch
 import loramoe
 from loramoe import LoraMoEConfig
 from loramoe.adapters.loramoe import shared_input_groups
+from loramoe.reference import loramoe_delta_loop
 from tests.conftest import random_batch, tiny_gpt2, tiny_llama
-from tests.reference import loramoe_delta_loop
 
 
 def _adapted(builder=tiny_llama, dropout=0.0):

@@ -26,7 +26,7 @@ def _probe() -> Probe:
                           subject=f"w{10 + i}", relation="capital"),
                   f"w5 w{10 + i} w6", (f"w{30 + i}", f"w{40 + i}"), tuple(f"w{50 + 3 * i + j}" for j in range(3)))
              for i in range(4)]
-    tasks = [TaskItem(Example(id="topic/t0", prompt="w7 w8 w9", answers=("w60",)), "topic", "accuracy")]
+    tasks = [TaskItem(Example(id="topic/t0", prompt="w7 w8 w9", answers=("w60",)), "topic", "accuracy", "accuracy")]
     return Probe(facts, tasks, chat=[0], generation=[0], removed_by_overlap=0)
 
 

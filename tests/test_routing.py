@@ -5,7 +5,7 @@ import torch
 
 import loramoe
 from loramoe import LoraConfig, LoraMoEConfig, capture_routing
-from loramoe.functional import router_gates
+from loramoe.router import router_gates
 from tests.conftest import random_batch, tiny_llama
 
 
@@ -76,8 +76,22 @@ def test_gradient_checkpointing_recomputation_is_not_counted_twice():
     model.config.use_cache = False
     with capture_routing(model) as routing:
         model(**batch, labels=batch["input_ids"]).loss.backward()
+    assert all(len(v) == 1 for v in routing.gates.values()) and len(routing.gates) == 6
     assert all(len(v) == 1 for v in routing.layers.values())
     assert len(routing.token_counts) == 1
+
+
+def test_only_layers_run_inside_the_models_forward_are_recorded():
+    """The rule that keeps checkpointed recomputation out holds after a forward that raised, too."""
+    model, batch = _model(), random_batch()
+    layer = model.get_submodule("model.layers.0.mlp.gate_proj")
+    with capture_routing(model) as routing, torch.no_grad():
+        with pytest.raises(IndexError):
+            model(input_ids=batch["input_ids"] + 1000)  # beyond the vocabulary: fails in the embedding
+        layer(torch.randn(2, 3, layer.in_features))
+        assert routing.gates == {} and routing.masks == []
+        model(**batch)
+    assert all(len(v) == 1 for v in routing.gates.values()) and len(routing.masks) == 1
 
 
 def test_capture_needs_loramoe_layers():

@@ -8,7 +8,7 @@ import pytest
 from loramoe.suites import benchmark_names, load_suite, normalize_answer, suite_names
 from loramoe.suites.base import Example, split, take
 from loramoe.suites.knowledge import knowledge_examples
-from loramoe.suites.registry import load_benchmark
+from loramoe.suites.registry import KNOWLEDGE, LM_LOSS, TASKS, load_benchmark
 from loramoe.suites.sources import MissingDataError, package_dir
 from loramoe.suites.translation import translation_examples
 from loramoe.suites.wiki import first_year
@@ -64,7 +64,7 @@ def test_sizes_match_the_data(suites):
 
 
 def test_splits_and_limits_are_deterministic():
-    first, again = load_suite("knowledge"), load_suite("knowledge")
+    first, again = load_suite(KNOWLEDGE), load_suite(KNOWLEDGE)
     assert [(b.train, b.test) for b in first] == [(b.train, b.test) for b in again]
     other_seed = load_benchmark("knowledge/capital", seed=1)
     assert {e.id for e in other_seed.test} != {e.id for e in first[0].test}
@@ -127,16 +127,16 @@ def test_min_population_keeps_the_large_countries():
 
 
 def test_text_is_held_out_from_every_task(suites):
-    task_paragraphs = {e.context for b in suites["tasks"] if b.name.startswith("task/") for e in b.train + b.test}
-    text = suites["lm-loss"][0]
+    task_paragraphs = {e.context for b in suites[TASKS] if b.name.startswith("task/") for e in b.train + b.test}
+    text = suites[LM_LOSS][0]
     assert not task_paragraphs & {e.prompt for e in text.train + text.test}
-    other_seed = load_suite("lm-loss", seed=3)[0]  # the seed moves the split, not the pool
+    other_seed = load_suite(LM_LOSS, seed=3)[0]  # the seed moves the split, not the pool
     assert {e.id for e in other_seed.train + other_seed.test} == {e.id for e in text.train + text.test}
 
 
 def test_wikipedia_tasks_agree_on_the_side_of_an_article(suites):
     sides = {}
-    for bench in suites["tasks"]:
+    for bench in suites[TASKS]:
         for side, examples in (("train", bench.train), ("test", bench.test)):
             for example in examples:
                 if example.group and example.group.startswith("wiki/"):
@@ -158,15 +158,15 @@ def test_normalize_answer_is_triviaqa_normalisation():
 
 
 def test_suite_names_and_errors():
-    assert suite_names() == ["knowledge", "tasks", "lm-loss"]
+    assert suite_names() == [KNOWLEDGE, TASKS, LM_LOSS] == ["knowledge", "tasks", "lm-loss"]
     assert [b.name for b in load_suite("text")] == ["text/wikipedia"]
     assert [b.name for b in load_suite("knowledge/borders", limit=3)] == ["knowledge/borders"]
-    assert benchmark_names("tasks")[0] == "task/summarization"
+    assert benchmark_names(TASKS)[0] == "task/summarization"
     with pytest.raises(ValueError, match="unknown suite 'nope'.*knowledge"):
         load_suite("nope")
     with pytest.raises(ValueError, match="knowledge suite"):
-        load_suite("tasks", min_population=10)
+        load_suite(TASKS, min_population=10)
     with pytest.raises(ValueError, match="templates must be between 1 and 4"):
-        load_suite("knowledge", templates=9)
+        load_suite(KNOWLEDGE, templates=9)
     with pytest.raises(MissingDataError, match="pip install"):
         package_dir("loramoe_no_such_package")

@@ -43,7 +43,7 @@ def test_early_stopping_stops_a_run_whose_validation_loss_rises_and_keeps_the_be
                     save_total_limit=1, logging_steps=1, warmup_ratio=0.0, scheduler="constant",
                     output=tmp_path / "run")
     validation = summary["validation"]
-    losses = dict((step, loss) for step, loss in validation["losses"])
+    losses = {step: loss for step, loss in validation["losses"]}
     best = validation["best_step"]
     assert validation["stopped_early"] and summary["steps"] < 40
     assert summary["steps"] == best + 2  # two validations without a lower loss, then the stop

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from torch import nn
 
-from loramoe.adapters import LoraConfig, MergeError, TiedLoraConfig
+from loramoe.adapters import LoraConfig, LoraLinear, MergeError, TiedLoraConfig
 from loramoe.attach import adapter_config, adapter_layers
 from loramoe.errors import UsageError
-from loramoe.serialization import disk_key, save_adapter, write_adapter_folder
+from loramoe.serialization import save_adapter, write_adapter_folder
 
 
 def export_lora(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -36,5 +36,5 @@ def export_lora(model: nn.Module, directory: str | os.PathLike) -> Path:
     for path, layer in adapter_layers(model):
         for key, factor in zip(("lora_A", "lora_B"), layer.lora_factors()):
             # copied: with u frozen, diag(u) A is the shared A itself, and a LoRA file owns each layer's pair
-            tensors[disk_key(lora.method, path, key)] = factor.detach().clone().contiguous().cpu()
+            tensors[LoraLinear.disk_key(path, key)] = factor.detach().clone().contiguous().cpu()
     return write_adapter_folder(model, directory, lora, tensors)

@@ -25,6 +25,7 @@ from loramoe.adapters import LoraMoELinear
 from loramoe.adapters.base import SUPPORTED_BASE_LAYERS, AdapterLayer, MergeError
 from loramoe.attach import adapter_config, adapter_layers, disabled_adapters
 from loramoe.errors import UsageError
+from loramoe.inference import eval_mode
 
 
 def knowledge_change(base: Mapping[str, bool], tuned: Mapping[str, bool]) -> dict:
@@ -84,12 +85,9 @@ def distribution_shift(model: nn.Module, tokenizer, texts: Sequence[str], *, bas
     fine-tuned model needs ``base_model``."""
     if base_model is None and adapter_config(model) is None:
         raise UsageError("distribution_shift: the model has no adapter to switch off; pass base_model")
-    was_training, padding_side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "right"  # positions count from each text's first token
     sums = _Sums()
     device = next(model.parameters()).device
-    try:
+    with eval_mode(model, tokenizer, padding_side="right"):  # positions count from each text's first token
         for start in tqdm(range(0, len(texts), batch_size), desc="forgetting", disable=not progress):
             batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
                               truncation=True, max_length=max_length).to(device)
@@ -101,9 +99,6 @@ def distribution_shift(model: nn.Module, tokenizer, texts: Sequence[str], *, bas
                     base = model(**batch).logits[:, :-1]
             mask = batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]
             sums.add(base, tuned, batch["input_ids"][:, 1:], mask)
-    finally:
-        model.train(was_training)
-        tokenizer.padding_side = padding_side
     return sums.result()
 
 

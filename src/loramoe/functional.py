@@ -3,18 +3,22 @@
 Shapes follow the on-disk layout (see docs/format.md):
 
 - LoRA: ``A`` (r, d_in), ``B`` (d_out, r).
+- Tied LoRA: ``A`` (r, d_in) and ``B`` (d_out, r) shared by the layers, per layer ``u`` (r) and
+  ``v`` (d_out), each None when frozen (all ones).
 - LoRAMoE: router ``W_g`` (E, d_in), ``A`` (E, r, d_in), ``B`` (E, d_out, r).
 
 LoRAMoE (arXiv 2312.09979), per token ``x``::
 
     y = W0 x + s * sum_i g_i(x) * B_i A_i dropout(x),   g(x) = softmax(W_g x),   s = alpha / r
 
+where the router, ``W_g x`` to ``g(x)``, is :mod:`loramoe.router`.
+
 Production form: the E experts' ``A`` are one (E*r, d_in) matrix and their ``B`` one (d_out, E*r)
 matrix, so the whole mixture is two matmuls with the gates broadcast over each expert's r columns
 in between::
 
     x --dropout--> [A_1; ...; A_E] --> h (E*r) --* (g_i * s per block of r)--> [B_1 ... B_E] --> delta
-    x -----------> W_g --> softmax (fp32) --> g (E) ---^
+    x -----------> W_g --> router (fp32) --> g (E) ----^
 
 The shared form draws one dropout mask for all experts; the reference code draws one per expert.
 Both are equal in expectation; equivalence tests run without dropout. The production op, which
@@ -43,9 +47,31 @@ def lora_delta_weight(lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
     return (lora_B @ lora_A) * scale
 
 
-def router_gates(x: Tensor, router_weight: Tensor) -> Tensor:
-    """Dense softmax gates in float32, whatever the input dtype: (..., d_in) -> (..., E)."""
-    return torch.softmax(F.linear(x.float(), router_weight.float()), dim=-1)
+def tied_lora_delta(x: Tensor, lora_A: Tensor, lora_B: Tensor, lora_u: Tensor | None, lora_v: Tensor | None,
+                    scale: float, dropout: float = 0.0, training: bool = False) -> Tensor:
+    """``scale * v * (B (u * (A dropout(x))))`` for x of shape (..., d_in); returns (..., d_out).
+    A u or v of None is all ones."""
+    h = F.linear(F.dropout(x, dropout, training), lora_A)  # (..., r)
+    if lora_u is not None:
+        h = h * lora_u
+    out = F.linear(h, lora_B)  # (..., d_out)
+    return out * (scale if lora_v is None else lora_v * scale)
+
+
+def untied_factors(lora_A: Tensor, lora_B: Tensor, lora_u: Tensor | None, lora_v: Tensor | None,
+                   scale: float) -> tuple[Tensor, Tensor]:
+    """One Tied LoRA layer's update as a plain LoRA pair of scale 1: ``diag(u) A`` (r, d_in) and
+    ``s diag(v) B`` (d_out, r)."""
+    a = lora_A if lora_u is None else lora_u[:, None] * lora_A
+    b = lora_B * scale if lora_v is None else (lora_v * scale)[:, None] * lora_B
+    return a, b
+
+
+def tied_lora_delta_weight(lora_A: Tensor, lora_B: Tensor, lora_u: Tensor | None, lora_v: Tensor | None,
+                           scale: float) -> Tensor:
+    """The dense update ``s diag(v) B diag(u) A`` of shape (d_out, d_in) that merging adds to W0."""
+    a, b = untied_factors(lora_A, lora_B, lora_u, lora_v, scale)
+    return b @ a
 
 
 def loramoe_delta(x: Tensor, gates: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,

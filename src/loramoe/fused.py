@@ -3,7 +3,9 @@ mixtures of LoRA experts, as one autograd node (or, without autograd, as plain t
 
 Per member k of a group (e.g. a Llama MLP's ``gate_proj`` and ``up_proj``, which both read x)::
 
-    y_k = W_k x + b_k + sum_i g_ki(x) * s * B_ki A_ki drop(x),   g_k(x) = softmax(R_k x) (fp32)
+    y_k = W_k x + b_k + sum_i g_ki(x) * s * B_ki A_ki drop(x),   g_k(x) = gates(R_k x) (fp32)
+
+where ``gates`` and its backward are :mod:`loramoe.router`'s, the one router every path shares.
 
 Why one node for the group, with the base matmul inside it: at small widths a training step is
 bound by passes over (tokens x width) tensors, not by arithmetic, and autograd alone would make
@@ -24,7 +26,8 @@ many. Here, for the whole group:
   saves a float copy of dropout(x) per projection, gate_proj and up_proj each.
 
 Adapter maths runs in the model's dtype (the routers' fp32 weights are cast to it for their
-matmul) and the softmax in fp32, so gates are fp32. The dropout scale 1/(1-p) rides on the gates.
+matmul) and the router's logits-to-gates step in fp32, so gates are fp32. The dropout scale
+1/(1-p) rides on the gates.
 Members share one expert count, rank and scale (they come from one config).
 """
 
@@ -36,6 +39,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from loramoe import router
 from loramoe.functional import drop_inputs, zero_dropped_
 
 
@@ -70,11 +74,11 @@ def concat_experts(members: Sequence[Member], dtype: torch.dtype, *, shared_pass
                    b_scale: float = 1.0) -> Experts:
     """The concatenated expert matrices of a group (a few small copies per call)."""
     a = torch.cat([m.lora_A.flatten(0, 1) for m in members]).to(dtype)
-    router = torch.cat([m.router for m in members]).to(dtype)
+    routers = torch.cat([m.router for m in members]).to(dtype)
     b = [m.lora_B.permute(1, 0, 2).reshape(m.lora_B.shape[1], -1).to(dtype) for m in members]
     if b_scale != 1.0:
         b = [t * b_scale for t in b]
-    return Experts(a, router, torch.cat([a, router]) if shared_pass else None, b)
+    return Experts(a, routers, torch.cat([a, routers]) if shared_pass else None, b)
 
 
 def _mixture_forward(x2: Tensor, drop: Tensor | None, gate_scale: float, bases: Sequence[tuple[Tensor, Tensor | None]],
@@ -88,7 +92,7 @@ def _mixture_forward(x2: Tensor, drop: Tensor | None, gate_scale: float, bases: 
     else:  # one pass for routers and experts
         both = x2 @ experts.both.T  # (N, K*E*r + K*E)
         h, logits = both[:, :ker], both[:, ker:]
-    gates = torch.softmax(logits.view(n, k, e).float(), dim=-1)  # (N, K, E)
+    gates = router.gates_from_logits(logits.view(n, k, e))  # (N, K, E)
     weights = gates * gate_scale if gate_scale != 1.0 else gates
     hw = (h.view(n, k, e, -1) * weights.to(h.dtype).unsqueeze(-1)).view(n, ker)
     width = ker // k
@@ -135,7 +139,7 @@ class _LoraMoEGroup(torch.autograd.Function):
                   for i, g in enumerate(g_outs)]  # (E, d_out, r); this order of the product is the faster
         grad_gates = (grad_hw.view(n, k, e, -1) * h.view(n, k, e, -1)).sum(-1).float() * ctx.gate_scale
         grad_gates = grad_gates + grads[k].reshape(n, k, e)  # a loss on the gates (the balancing constraint)
-        grad_logits = gates * (grad_gates - (grad_gates * gates).sum(-1, keepdim=True))  # softmax backward
+        grad_logits = router.logits_grad(gates, grad_gates)
         grad_h = (grad_hw.view(n, k, e, -1) * gate_w).view(n, ker)
         grad_logits = grad_logits.view(n, k * e).to(h.dtype)
         grad_x = None
@@ -197,8 +201,8 @@ def loramoe_group_inference(x: Tensor, plan: InferencePlan) -> tuple[list[Tensor
     """The forward of :func:`loramoe_group` without autograd or dropout, for generation. Decoding
     runs this once per group and token on a few rows, where each tensor op costs more in dispatch
     than in arithmetic, so it makes as few as the maths allows: one matmul for all routers and
-    experts, a softmax, one gating product, then per member the base matmul and the small matmul
-    accumulating onto it. The other way round from training, where the large matmul accumulates
+    experts, the router's gates, one gating product, then per member the base matmul and the small
+    matmul accumulating onto it. The other way round from training, where the large matmul accumulates
     onto the small one: on a few rows (a matrix-vector product that streams the weight) the CPU's
     addmm with the base weight ran at half the speed of a plain mm on the embedded model."""
     lead = x.shape[:-1]
@@ -206,7 +210,7 @@ def loramoe_group_inference(x: Tensor, plan: InferencePlan) -> tuple[list[Tensor
     n, k, e = x2.shape[0], len(plan.b_t), plan.num_experts
     ker = plan.both_t.shape[1] - k * e
     both = x2 @ plan.both_t
-    gates = torch.softmax(both[:, ker:].view(n, k, e), dim=-1, dtype=torch.float32)
+    gates = router.gates_from_logits(both[:, ker:].view(n, k, e))
     weights = gates if both.dtype == torch.float32 else gates.to(both.dtype)
     hw = (both[:, :ker].view(n, k, e, -1) * weights.unsqueeze(-1)).view(n, ker)
     width = ker // k

@@ -39,6 +39,7 @@ from transformers import (
 
 from loramoe.data import encode_prompt
 from loramoe.errors import UsageError
+from loramoe.inference import eval_mode
 from loramoe.suites.base import Example, PromptStyle
 
 
@@ -67,7 +68,7 @@ class _NewlineStop(StoppingCriteria):
         return torch.tensor(["\n" in text.lstrip() for text in texts], dtype=torch.bool, device=input_ids.device)
 
 
-def _stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """EOS ids of the tokenizer and of the model's generation config (chat models often end a turn
     with a token the tokenizer does not call EOS)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -121,7 +122,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, example
     if len(styles) != len(examples):
         raise UsageError(f"{len(styles)} prompt styles for {len(examples)} examples")
     prompts = [prompt_ids(example, tokenizer, s) for example, s in zip(examples, styles)]
-    stop_ids = _stop_token_ids(model, tokenizer)
+    stop_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:  # its value never matters: padding is masked, and answers end before any filler
         if not stop_ids:
@@ -130,9 +131,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, example
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
                               no_repeat_ngram_size=0, eos_token_id=stop_ids or None, pad_token_id=pad_id)
     answers: list[str] = [""] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for chunk in tqdm(_batches([len(p) for p in prompts], batch_size), desc="generating", unit="batch",
                           disable=not progress):
             ids, mask = left_pad([prompts[i] for i in chunk], pad_id, model.device)
@@ -142,6 +141,4 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, example
                                         stopping_criteria=stopping)
             for i, row in zip(chunk, output[:, ids.shape[1]:].tolist()):
                 answers[i] = _answer(row, stop_ids, tokenizer, stop_on_newline)
-    finally:
-        model.train(was_training)
     return answers

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from loramoe.adapters import LoraMoELinear
 from loramoe.errors import UsageError
 from loramoe.generation import left_pad
+from loramoe.inference import eval_mode
 from loramoe.routing import capture_routing
 
 
@@ -55,15 +56,13 @@ def continuation_logprobs(model: nn.Module, prompts: Sequence[list[int]],
     routed = prompt_routing and any(isinstance(m, LoraMoELinear) for m in model.modules())
     out: list[list[list[float]]] = [[] for _ in prompts]
     gates: dict[str, list[tuple[list[int], Tensor]]] = {}
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     # the decoder, then the head only where it is read: the causal LM's own head on a (batch, 1,
     # width) slice runs as a batched product over a copy of the head per row in bf16 on the CPU,
     # most of the scoring time
     decoder, head = model.base_model, model.get_output_embeddings()
     prefix = f"{model.base_model_prefix}." if decoder is not model else ""  # gate paths named as in the model
-    try:
+    with eval_mode(model):
         for chunk in _chunks([len(p) for p in prompts], batch_size):
             ids, mask = left_pad([prompts[i] for i in chunk], pad_id, device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -105,8 +104,6 @@ def continuation_logprobs(model: nn.Module, prompts: Sequence[list[int]],
                     rest[row], at = picked[at:at + len(c) - 1], at + len(c) - 1
             for row, owner_row in enumerate(owner):
                 out[chunk[owner_row]].append([scores[row], *rest[row]])
-    finally:
-        model.train(was_training)
     prompt_gates = None
     if routed:
         prompt_gates = {}

@@ -10,10 +10,12 @@ Usage::
 
 While no capture is active each LoRAMoE layer only tests one attribute for None, so the forward is
 not slowed. The attention mask is read by a forward pre-hook on the model; with a KV cache the
-mask covers past tokens too and its last ``seq`` columns are used. Forwards recomputed during
-backward (gradient checkpointing) are not recorded again, and the hook only keeps references during
-the forward (sums are taken on access), so a checkpointed region saves the same tensors each time. ``keep_graph=True`` keeps the gates
-attached to the autograd graph, for losses over them (the balancing constraint).
+mask covers past tokens too and its last ``seq`` columns are used. Only layers run inside a forward
+of ``model`` itself are recorded, so a region recomputed during backward (gradient checkpointing),
+after that forward returned, is not recorded again; and the hook only keeps references during the
+forward (sums are taken on access), so a checkpointed region saves the same tensors each time.
+``keep_graph=True`` keeps the gates attached to the autograd graph, for losses over them (the
+balancing constraint).
 """
 
 from __future__ import annotations
@@ -64,11 +66,6 @@ class RoutingRecord:
         self.masks.clear()
 
 
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass, i.e. during a checkpointed recomputation."""
-    return torch._C._current_graph_task_id() != -1
-
-
 @contextmanager
 def capture_routing(model: nn.Module, *, per_token: bool = False,
                     keep_graph: bool = False) -> Iterator[RoutingRecord]:
@@ -80,38 +77,44 @@ def capture_routing(model: nn.Module, *, per_token: bool = False,
     if busy:
         raise RuntimeError(f"capture_routing: layer '{busy[0]}' is already being captured")
     record = RoutingRecord(per_token=per_token)
-    state: dict = {"mask": None, "new_forward": False}  # set by the model's pre-hook, read by the layers
+    # set by the model's hooks, read by the layers' hooks
+    state: dict = {"mask": None, "new_forward": False, "in_forward": False}
 
     def read_mask(_module, args, kwargs):
-        if _in_backward():
-            return
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1 and isinstance(args[1], Tensor):
             mask = args[1]
         state["mask"] = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-        state["new_forward"] = True
+        state["new_forward"] = state["in_forward"] = True
+
+    def end_forward(*_) -> None:
+        state["in_forward"] = False
 
     def make_hook(path: str):
         def hook(_layer: LoraMoELinear, gates: Tensor) -> None:
-            if _in_backward():
+            # not "is a backward running?", which torch has no public way to ask: a region that
+            # gradient checkpointing recomputes in backward runs after the model's forward returned
+            if not state["in_forward"]:
                 return
             if not keep_graph:
                 gates = gates.detach()
             if gates.dim() == 2:  # (tokens, E) without a batch dimension: one sample
                 gates = gates.unsqueeze(0)
-            if state["new_forward"] or not record.masks:
+            if state["new_forward"]:
                 state["new_forward"] = False
                 mask = state["mask"]
                 record.masks.append(None if mask is None else mask[:, -gates.shape[-2]:].to(gates.dtype))
             record.gates.setdefault(path, []).append(gates)
         return hook
 
-    handle = model.register_forward_pre_hook(read_mask, with_kwargs=True)
+    handles = [model.register_forward_pre_hook(read_mask, with_kwargs=True),
+               model.register_forward_hook(end_forward, always_call=True)]
     for path, layer in layers.items():
         layer.routing_hook = make_hook(path)
     try:
         yield record
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         for layer in layers.values():
             layer.routing_hook = None

@@ -1,10 +1,11 @@
 """Saving and loading adapters: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-The format is a public contract, described in docs/format.md. LoRA is written in PEFT's own
-format so ``peft.PeftModel.from_pretrained`` loads it; Tied LoRA writes each shared tensor once.
-Loading validates everything (method,
-config and the type of each of its values, the sizes of the model it was trained on, target modules,
-every key, shape and value) before it touches the model, and reads only safetensors, never pickle.
+The format is a public contract, described in docs/format.md. Each adapter kind's layer class
+says its keys and config document (``disk_key``, ``config_document``): LoRA is written in PEFT's
+own format so ``peft.PeftModel.from_pretrained`` loads it; Tied LoRA writes each shared tensor once.
+Loading validates everything (method, config and the type of each of its values, the sizes of the
+model it was trained on, target modules, every key, shape and value) before it touches the model,
+and reads only safetensors, never pickle.
 """
 
 from __future__ import annotations
@@ -20,24 +21,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from loramoe.adapters import LAYER_CLASSES, AdapterConfig, LoraConfig, TiedLoraConfig
+from loramoe.adapters import LAYER_CLASSES, AdapterConfig, LoraConfig
 from loramoe.adapters.base import SUPPORTED_BASE_LAYERS, ConfigFieldError, layer_shape
-from loramoe.adapters.tied_lora import tie_name
+from loramoe.adapters.lora import PEFT_FIELDS
 from loramoe.attach import adapter_config, adapter_layers, attach_paths
 from loramoe.errors import LoramoeError
 from loramoe.fileio import atomic_write, atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model."
-_TIED_PREFIX = "tied."
 _BASE_MODEL_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "n_embd", "n_inner",
                      "n_layer")
 _BASE_MODEL_FIELDS = ("model_type", *_BASE_MODEL_SIZES)
-_PEFT_FIELDS = {"r": ("r", 8), "alpha": ("lora_alpha", 8), "dropout": ("lora_dropout", 0.0)}
-"""PEFT's key and default for each LoraConfig field a plain PEFT file sets."""
 _JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
                bool: "a boolean", type(None): "null"}
 
@@ -46,16 +42,6 @@ M = TypeVar("M", bound=nn.Module)
 
 class AdapterLoadError(LoramoeError, ValueError):
     """A saved adapter does not fit the model, or its files are malformed."""
-
-
-def disk_key(method: str, path: str, local_key: str) -> str:
-    """The safetensors key of one adapter tensor of the module at ``path``. Tensors that several
-    modules share have one key, so they are written once."""
-    if method == LoraConfig.method:  # PEFT's layout: lora_A/lora_B are nn.Linear submodules there
-        return f"{_PEFT_PREFIX}{path}.{local_key}.weight"
-    if method == TiedLoraConfig.method and local_key in ("lora_A", "lora_B"):
-        return f"{_TIED_PREFIX}{tie_name(path)}.{local_key}"
-    return f"{path}.{local_key}"
 
 
 def _base_model_info(model: nn.Module) -> dict[str, Any]:
@@ -73,7 +59,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     config = adapter_config(model)
     if config is None:
         raise ValueError("model has no loramoe adapter to save")
-    tensors = {disk_key(config.method, path, key): value.detach().contiguous().cpu()
+    tensors = {layer.disk_key(path, key): value.detach().contiguous().cpu()
                for path, layer in adapter_layers(model) for key, value in layer.adapter_state().items()}
     return write_adapter_folder(model, directory, config, tensors)
 
@@ -89,14 +75,7 @@ def write_adapter_folder(model: nn.Module, directory: str | os.PathLike, config:
     block = {"method": config.method, "loramoe_version": version("loramoe"),
              "config": dataclasses.asdict(config), "target_paths": paths,
              "base_model": _base_model_info(model)}
-    if config.method == LoraConfig.method:
-        document = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r,
-                    "lora_alpha": config.alpha, "lora_dropout": config.dropout, "target_modules": paths,
-                    "base_model_name_or_path": block["base_model"]["name_or_path"], "bias": "none",
-                    "fan_in_fan_out": any(isinstance(l.base_layer, Conv1D) for _, l in layers),
-                    "use_rslora": False, "inference_mode": True, "loramoe": block}
-    else:
-        document = block
+    document = LAYER_CLASSES[config.method].config_document(config, block, layers)
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write_text(out / CONFIG_NAME, json.dumps(document, indent=2) + "\n")
     return out
@@ -141,8 +120,8 @@ def _parse_config(document: dict[str, Any], file: Path) -> tuple[AdapterConfig, 
         paths_key = "target_paths"
     elif document.get("peft_type") == "LORA":
         _refuse_peft_variants(document, file)
-        fields = {name: document.get(key, default) for name, (key, default) in _PEFT_FIELDS.items()}
-        names = {name: key for name, (key, _) in _PEFT_FIELDS.items()}
+        fields = {name: document.get(key, default) for name, (key, default) in PEFT_FIELDS.items()}
+        names = {name: key for name, (key, _) in PEFT_FIELDS.items()}
         config_class, paths_key = LoraConfig, "target_modules"
     else:
         raise AdapterLoadError(f"{file}: field 'method': missing (and not a PEFT LoRA config)")
@@ -236,7 +215,7 @@ def load_adapter(model: M, directory: str | os.PathLike) -> M:
     expected: dict[str, tuple[int, ...]] = {}
     for p in paths:
         for local_key, shape in layer_class.parameter_shapes(*shapes[p], config).items():
-            key = disk_key(config.method, p, local_key)
+            key = layer_class.disk_key(p, local_key)
             if expected.setdefault(key, shape) != shape:  # one tensor shared by modules of different shapes
                 raise AdapterLoadError(f"{config_file}: key '{key}' is shared by modules that need shapes "
                                        f"{list(expected[key])} and {list(shape)} ('{p}' needs the second)")
@@ -246,7 +225,7 @@ def load_adapter(model: M, directory: str | os.PathLike) -> M:
     for path, layer in adapter_layers(model):
         with torch.no_grad():
             for key, param in layer.adapter_state().items():
-                param.copy_(tensors[disk_key(config.method, path, key)])
+                param.copy_(tensors[layer_class.disk_key(path, key)])
     return model
 
 

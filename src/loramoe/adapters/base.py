@@ -4,7 +4,8 @@ An adapter layer replaces a frozen ``nn.Linear`` (weight (d_out, d_in)) or a GPT
 ``Conv1D`` (weight (d_in, d_out), transposed) in place. It keeps the base layer as its
 ``base_layer`` child and adds ``adapter_delta(x)`` to the base output. Kinds subclass
 ``AdapterLayer`` once and implement ``adapter_delta`` and, where the update is a fixed matrix,
-``delta_weight``.
+``delta_weight``; a kind whose files follow another layout overrides ``disk_key`` and
+``config_document``. A kind is its module plus its entry in ``loramoe.adapters.LAYER_CLASSES``.
 """
 
 from __future__ import annotations
@@ -164,3 +165,16 @@ class AdapterLayer(nn.Module):
         """The shapes ``adapter_state`` will have, known before the layer exists (used to
         validate a saved adapter before the model is touched)."""
         raise NotImplementedError
+
+    @classmethod
+    def disk_key(cls, path: str, local_key: str) -> str:
+        """The safetensors key of the tensor ``local_key`` (an ``adapter_state`` key) of the layer at
+        module path ``path``. Tensors that several layers share have one key, so they are written once."""
+        return f"{path}.{local_key}"
+
+    @classmethod
+    def config_document(cls, config: AdapterConfig, block: dict[str, Any],
+                        layers: list[tuple[str, AdapterLayer]]) -> dict[str, Any]:
+        """What ``adapter_config.json`` holds for an adapter of ``config`` on ``layers`` (path, layer),
+        given loramoe's own ``block`` (method, config, target paths, base model)."""
+        return block

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from loramoe.adapters.base import AdapterConfig, AdapterLayer
 from loramoe.errors import UsageError
 from loramoe.functional import lora_delta, lora_delta_weight
+
+PEFT_PREFIX = "base_model.model."
+PEFT_FIELDS = {"r": ("r", 8), "alpha": ("lora_alpha", 8), "dropout": ("lora_dropout", 0.0)}
+"""PEFT's key and default for each LoraConfig field a plain PEFT file sets."""
 
 
 @dataclass
@@ -65,3 +70,17 @@ class LoraLinear(AdapterLayer):
     @classmethod
     def parameter_shapes(cls, d_in: int, d_out: int, config: LoraConfig) -> dict[str, tuple[int, ...]]:
         return {"lora_A": (config.r, d_in), "lora_B": (d_out, config.r)}
+
+    @classmethod
+    def disk_key(cls, path: str, local_key: str) -> str:
+        return f"{PEFT_PREFIX}{path}.{local_key}.weight"  # PEFT's layout: lora_A/lora_B are nn.Linear submodules there
+
+    @classmethod
+    def config_document(cls, config: LoraConfig, block: dict[str, Any],
+                        layers: list[tuple[str, AdapterLayer]]) -> dict[str, Any]:
+        """PEFT's config, so ``peft.PeftModel.from_pretrained`` loads the folder, with loramoe's block in it."""
+        return {"peft_type": "LORA", "task_type": "CAUSAL_LM",
+                **{key: getattr(config, name) for name, (key, _) in PEFT_FIELDS.items()},
+                "target_modules": block["target_paths"], "base_model_name_or_path": block["base_model"]["name_or_path"],
+                "bias": "none", "fan_in_fan_out": any(isinstance(layer.base_layer, Conv1D) for _, layer in layers),
+                "use_rslora": False, "inference_mode": True, "loramoe": block}

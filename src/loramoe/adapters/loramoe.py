@@ -3,8 +3,8 @@
 Every adapted projection gets its own router ``W_g`` (E, d_in, float32) and E experts stored
 concatenated: ``lora_A`` (E, r, d_in), ``lora_B`` (E, d_out, r). Initialisation follows the
 reference code: ``A_i`` and ``W_g`` kaiming-uniform (a = sqrt(5)), ``B_i`` zeros, so the model
-starts exactly equal to the base. The maths lives in :mod:`loramoe.functional` (plain form) and
-:mod:`loramoe.fused` (the production op).
+starts exactly equal to the base. The maths lives in :mod:`loramoe.functional` (plain form),
+:mod:`loramoe.fused` (the production op) and :mod:`loramoe.router` (the gates, which both use).
 
 Projections that read the same input (a Llama MLP's ``gate_proj`` and ``up_proj``, see
 :data:`SHARED_INPUT_NAMES`) run as one group: whichever is called first computes
@@ -30,8 +30,9 @@ from transformers.pytorch_utils import Conv1D
 from loramoe.adapters.base import SUPPORTED_BASE_LAYERS, AdapterConfig, AdapterLayer, MergeError
 from loramoe.balance import IMPORTANCE_MODES
 from loramoe.errors import UsageError
-from loramoe.functional import dropout_positions, loramoe_delta, router_gates
+from loramoe.functional import dropout_positions, loramoe_delta
 from loramoe.fused import Member, inference_plan, loramoe_group, loramoe_group_inference
+from loramoe.router import router_gates
 
 RoutingHook = Callable[["LoraMoELinear", Tensor], None]
 

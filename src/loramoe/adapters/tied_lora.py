@@ -26,11 +26,11 @@ from itertools import combinations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loramoe.adapters.base import AdapterConfig, AdapterLayer, layer_shape
 from loramoe.errors import UsageError
+from loramoe.functional import tied_lora_delta, tied_lora_delta_weight, untied_factors
 
 FACTORS = "ABuv"
 
@@ -40,6 +40,8 @@ and the VeRA-like configuration (arXiv 2310.11454: frozen random A, B; per-layer
 
 PRESETS = ["".join(c) for k in range(1, len(FACTORS) + 1) for c in combinations(FACTORS, k)]
 """Presets named by what they train: the trained tensors' letters in the order A, B, u, v."""
+
+TIED_PREFIX = "tied."
 
 
 @dataclass
@@ -112,33 +114,6 @@ class TiedLoraConfig(AdapterConfig):
         B (as in LoRA and the paper), v (as in VeRA), u, A. The others all start non-zero, so the
         zero factor's gradient is not zero and training moves away from the base."""
         return next(factor for factor in "BvuA" if factor in self.trains)
-
-
-def tied_lora_delta(x: Tensor, lora_A: Tensor, lora_B: Tensor, lora_u: Tensor | None, lora_v: Tensor | None,
-                    scale: float, dropout: float = 0.0, training: bool = False) -> Tensor:
-    """``scale * v * (B (u * (A dropout(x))))`` for x of shape (..., d_in); returns (..., d_out).
-    A u or v of None is all ones."""
-    h = F.linear(F.dropout(x, dropout, training), lora_A)  # (..., r)
-    if lora_u is not None:
-        h = h * lora_u
-    out = F.linear(h, lora_B)  # (..., d_out)
-    return out * (scale if lora_v is None else lora_v * scale)
-
-
-def untied_factors(lora_A: Tensor, lora_B: Tensor, lora_u: Tensor | None, lora_v: Tensor | None,
-                   scale: float) -> tuple[Tensor, Tensor]:
-    """One layer's update as a plain LoRA pair of scale 1: ``diag(u) A`` (r, d_in) and
-    ``s diag(v) B`` (d_out, r)."""
-    a = lora_A if lora_u is None else lora_u[:, None] * lora_A
-    b = lora_B * scale if lora_v is None else (lora_v * scale)[:, None] * lora_B
-    return a, b
-
-
-def tied_lora_delta_weight(lora_A: Tensor, lora_B: Tensor, lora_u: Tensor | None, lora_v: Tensor | None,
-                           scale: float) -> Tensor:
-    """The dense update ``s diag(v) B diag(u) A`` of shape (d_out, d_in) that merging adds to W0."""
-    a, b = untied_factors(lora_A, lora_B, lora_u, lora_v, scale)
-    return b @ a
 
 
 def tie_name(path: str) -> str:
@@ -228,6 +203,13 @@ class TiedLoraLinear(AdapterLayer):
     def lora_factors(self) -> tuple[Tensor, Tensor]:
         """This layer's update as a plain LoRA pair of scale 1, (r, d_in) and (d_out, r)."""
         return untied_factors(self.lora_A, self.lora_B, self.lora_u, self.lora_v, self.scale)
+
+    @classmethod
+    def disk_key(cls, path: str, local_key: str) -> str:
+        """The shared pair is written once per tie name; u and v per layer."""
+        if local_key in ("lora_A", "lora_B"):
+            return f"{TIED_PREFIX}{tie_name(path)}.{local_key}"
+        return super().disk_key(path, local_key)
 
     @classmethod
     def parameter_shapes(cls, d_in: int, d_out: int, config: TiedLoraConfig) -> dict[str, tuple[int, ...]]:

@@ -27,12 +27,9 @@ from loramoe.forgetting import distribution_shift, knowledge_change, parameter_d
 from loramoe.generation import generate
 from loramoe.metrics import lm_loss, per_item, score
 from loramoe.serialization import load_adapter
-from loramoe.suites import filter_overlap, load_suite
+from loramoe.suites import filter_overlap
 from loramoe.suites.base import Benchmark, PromptStyle
-from loramoe.suites.registry import benchmark_names, canonical_suite
-
-CORRECT = {"qa": "contains", "translation": "em", "accuracy": "accuracy"}
-"""The per-item score that counts an answer as right, for knowledge_change."""
+from loramoe.suites.registry import BENCHMARKS, Limit, load_benchmarks, suite_names
 
 
 def _predict(model, tokenizer, benchmarks: Sequence[Benchmark], styles: dict[str, PromptStyle], *,
@@ -70,46 +67,6 @@ def _score_all(model, tokenizer, benchmarks: Sequence[Benchmark], styles: dict[s
                                                      batch_size=batch_size, max_length=max_length)}
         else:
             out[bench.name] = _scored(bench, predictions[bench.name], styles[bench.name])
-    return out
-
-
-Limit = int | dict[str, int | None] | None
-
-
-def _limit_for(limit: Limit, name: str) -> int | None:
-    """A suite's or benchmark's limit: a mapping names suites or benchmarks (the benchmark wins)."""
-    if not isinstance(limit, dict):
-        return limit
-    if name in limit:
-        return limit[name]
-    suite = next((s for s in ("knowledge", "tasks", "lm-loss") if name in benchmark_names(s)), None)
-    return limit.get(suite) if suite else limit.get(canonical_suite(name))
-
-
-def load_benchmarks(suite: str, limit: Limit = None, seed: int = 0) -> list[Benchmark]:
-    """The benchmarks a comma-separated list of suites and benchmark names names, each capped by
-    its limit (an int for all, or a mapping from suite or benchmark name to a limit). Benchmarks of
-    one suite with one limit are built together: building a suite builds all of its benchmarks."""
-    names = [name.strip() for name in suite.split(",") if name.strip()]
-    if not names:
-        raise UsageError(f"--suite {suite!r} names nothing: give suites (knowledge, tasks, lm-loss) or benchmark "
-                         "names, comma-separated")
-    if isinstance(limit, dict):
-        known = {*benchmark_names(), "knowledge", "tasks", "lm-loss"}
-        unknown = sorted(key for key in limit if key not in known)
-        if unknown:
-            raise UsageError(f"--limit names unknown suites or benchmarks: {', '.join(unknown)}")
-    built: dict[tuple[str, int | None], dict[str, Benchmark]] = {}
-    out = []
-    for name in names:
-        if name not in benchmark_names():
-            out += load_suite(name, limit=_limit_for(limit, name), seed=seed)
-            continue
-        home = next(s for s in ("knowledge", "tasks", "lm-loss") if name in benchmark_names(s))
-        key = (home, _limit_for(limit, name))
-        if key not in built:
-            built[key] = {b.name: b for b in load_suite(home, limit=key[1], seed=seed)}
-        out.append(built[key][name])
     return out
 
 
@@ -156,8 +113,9 @@ def _check_base_entry(entry: Any, bench: Benchmark, where: str) -> None:
     if not isinstance(scores, dict) or not all(_is_number(v) for v in scores.values()):
         raise UsageError(f"{where}: 'scores' must map metric names to numbers")
     wanted = {"id": "a string", "prediction": "a string"}
-    if bench.metric in CORRECT:
-        wanted[CORRECT[bench.metric]] = "a number"
+    correct = BENCHMARKS[bench.name].correct
+    if correct:
+        wanted[correct] = "a number"
     for i, item in enumerate(entry["items"]):
         if not isinstance(item, dict):
             raise UsageError(f"{where}: item {i} is not a JSON object")
@@ -174,7 +132,7 @@ def _check_base_entry(entry: Any, bench: Benchmark, where: str) -> None:
 def evaluate(
     model: str = "smollm2-135m",
     adapter: Path | None = None,
-    suite: str = "knowledge,tasks,lm-loss",
+    suite: str = ",".join(suite_names()),
     vs_base: bool = False,
     base_model: str | None = None,
     base_eval: Path | None = None,
@@ -250,7 +208,7 @@ def evaluate(
             else:
                 base_entry = saved_base[bench.name] if saved_base is not None else base_scores[bench.name]
                 entry["base_scores"] = base_entry["scores"]
-                key = CORRECT.get(bench.metric)
+                key = BENCHMARKS[bench.name].correct
                 if key:
                     entry["change"] = knowledge_change({i["id"]: i[key] > 0 for i in base_entry["items"]},
                                                        {i["id"]: i[key] > 0 for i in entry["items"]})

@@ -19,7 +19,9 @@ from torch import nn
 from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import adapter_config
 from loramoe.errors import UsageError
-from loramoe.fileio import atomic_write, atomic_write_text
+from loramoe.fileio import atomic_write_text
+from loramoe.inference import eval_mode
+from loramoe.plots import pyplot, save_figure
 from loramoe.routing import capture_routing
 
 
@@ -31,12 +33,9 @@ def gate_shares(model: nn.Module, tokenizer, prompts: Mapping[str, Sequence[str]
     config = adapter_config(model)
     if not isinstance(config, LoraMoEConfig):
         raise UsageError("gate_shares needs a model with a LoRAMoE adapter attached")
-    was_training, padding_side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "right"
     device = next(model.parameters()).device
     result: dict = {"experts": config.num_experts, "groups": config.groups, "layers": [], "sets": {}}
-    try:
+    with eval_mode(model, tokenizer, padding_side="right"):
         for name, texts in prompts.items():
             if not texts:
                 raise UsageError(f"gate_shares: the prompt set {name!r} is empty")
@@ -53,9 +52,6 @@ def gate_shares(model: nn.Module, tokenizer, prompts: Mapping[str, Sequence[str]
                     routing.clear()
             shares = sums / tokens
             result["sets"][name] = {"tokens": tokens, "per_layer": shares.tolist(), "mean": shares.mean(0).tolist()}
-    finally:
-        model.train(was_training)
-        tokenizer.padding_side = padding_side
     return result
 
 
@@ -73,11 +69,7 @@ def group_share(result: dict, set_name: str) -> dict[str, float]:
 def save_gate_shares(result: dict, directory: str | os.PathLike, stem: str = "router") -> tuple[Path, Path]:
     """``<stem>.json`` and ``<stem>.png`` (one heatmap of layers x experts per prompt set, and a
     summary of sets x experts), both written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     json_path, png_path = directory / f"{stem}.json", directory / f"{stem}.png"
@@ -114,6 +106,5 @@ def save_gate_shares(result: dict, directory: str | os.PathLike, stem: str = "ro
         fig.suptitle("gate share per expert; groups: " + ", ".join(f"{g} ({n})" for g, n in result["groups"].items()),
                      fontsize=10)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of gate mass")
-    atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, png_path)
     return json_path, png_path

@@ -17,14 +17,11 @@ from typing import Any, get_args
 import yaml
 
 from loramoe.errors import LoramoeError
-from loramoe.suites.knowledge import RELATIONS
 from loramoe.suites.records import AnswerStyle
-from loramoe.suites.translation import LANGUAGES
-from loramoe.suites.wiki import TEMPLATES as WIKI_TASKS
+from loramoe.suites.registry import mix_names
 from loramoe.train import train
 
 DEFAULT_CONFIG = resources.files("loramoe.lab").joinpath("lab.yaml")
-TASKS = (*WIKI_TASKS, *(f"translation-{lang}" for lang in LANGUAGES))
 LAB_OWNED = {"data", "output", "model", "seed", "resume", "overwrite", "init_adapter", "method", "max_steps",
              "callbacks"}
 """``loramoe train`` settings the lab sets itself, per run."""
@@ -128,7 +125,8 @@ def _check(config: LabConfig, where: str) -> None:
     if mix.answer_style not in get_args(AnswerStyle):
         raise LabConfigError(f"{where}: mix.answer_style must be one of {', '.join(get_args(AnswerStyle))}, "
                              f"got '{mix.answer_style}'")
-    for key, allowed in (("knowledge", RELATIONS), ("tasks", TASKS)):
+    for key, role in (("knowledge", "knowledge"), ("tasks", "task")):
+        allowed = mix_names(role)
         bad = [name for name in getattr(mix, key) if name not in allowed]
         if bad or not getattr(mix, key):
             raise LabConfigError(f"{where}: mix.{key} {bad or '[]'}: choose from {', '.join(allowed)}")

@@ -21,6 +21,7 @@ from loramoe.errors import UsageError
 from loramoe.fileio import atomic_write_text
 from loramoe.lab.config import MixConfig
 from loramoe.suites import load_benchmark, to_training_records
+from loramoe.suites.registry import MixRole, mix_names
 
 
 @dataclass
@@ -44,11 +45,11 @@ def _interleave(pools: list[list[list[dict]]], rng: random.Random) -> list[dict]
     return out
 
 
-def _pools(config: MixConfig, kind: str, seed: int) -> list[list[list[dict]]]:
-    names = config.knowledge if kind == "knowledge" else config.tasks
+def _pools(config: MixConfig, kind: MixRole, names: list[str], seed: int) -> list[list[list[dict]]]:
+    benchmarks = mix_names(kind)
     pools = []
     for name in names:
-        bench = load_benchmark(f"{kind}/{name}" if kind == "knowledge" else f"task/{name}", seed=seed)
+        bench = load_benchmark(benchmarks[name], seed=seed)
         examples = [e for e in bench.train if e.context is None or len(e.context) <= config.max_context_chars]
         pools.append([to_training_records([e], type=kind, templates_per_example=config.templates, seed=seed,
                                          answer_style=config.answer_style)
@@ -64,8 +65,8 @@ def _write(path: Path, records: list[dict]) -> Path:
 def build_mix(config: MixConfig, folder: Path, seed: int = 0) -> Mix:
     """Writes ``mix.jsonl`` into ``folder``."""
     rng = random.Random(seed)
-    ordered = {kind: _interleave(_pools(config, kind, seed), rng) if names else []
-               for kind, names in (("knowledge", config.knowledge), ("task", config.tasks))}
+    roles: tuple[tuple[MixRole, list[str]], ...] = (("knowledge", config.knowledge), ("task", config.tasks))
+    ordered = {kind: _interleave(_pools(config, kind, names, seed), rng) if names else [] for kind, names in roles}
     need = {"knowledge": round(config.records * config.knowledge_share)}
     need["task"] = config.records - need["knowledge"]
     for kind, count in need.items():

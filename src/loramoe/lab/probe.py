@@ -24,6 +24,7 @@ from loramoe.data import read_records
 from loramoe.errors import UsageError
 from loramoe.suites import filter_overlap, load_benchmark
 from loramoe.suites.base import Example, Metric, take
+from loramoe.suites.registry import BENCHMARKS, mix_names
 from loramoe.suites.text import normalize_answer
 
 
@@ -41,6 +42,8 @@ class TaskItem:
     example: Example
     task: str
     metric: Metric
+    main: str
+    """The item score that sums up a free answer (its benchmark's ``main``)."""
 
 
 @dataclass
@@ -96,7 +99,7 @@ def build_probe(*, relations: list[str], tasks: list[str], mix_file: Path, seed:
     chat: list[int] = []
     removed = 0
     for relation in relations:
-        bench = load_benchmark(f"knowledge/{relation}", seed=seed)
+        bench = load_benchmark(mix_names("knowledge")[relation], seed=seed)
         pool = [e.answers[0] for e in bench.train + bench.test]
         kept, report = filter_overlap(bench.test, records)
         removed += report.total - report.kept
@@ -109,11 +112,11 @@ def build_probe(*, relations: list[str], tasks: list[str], mix_file: Path, seed:
     items: list[TaskItem] = []
     generation: list[int] = []
     for task in tasks:
-        bench = load_benchmark(f"task/{task}", seed=seed)
+        bench = load_benchmark(mix_names("task")[task], seed=seed)
         short = [e for e in bench.test if e.context is None or len(e.context) <= max_context_chars]
         chosen = take(short, task_items, seed)
         first = len(items)
-        items += [TaskItem(e, task, bench.metric) for e in chosen]
+        items += [TaskItem(e, task, bench.metric, BENCHMARKS[bench.name].main) for e in chosen]
         answered = {e.id for e in take(chosen, generation_items, seed)}
         generation += [i for i in range(first, len(items)) if items[i].example.id in answered]
     if not facts or not items:

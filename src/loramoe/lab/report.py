@@ -15,7 +15,8 @@ from typing import Any
 
 import markdown
 
-from loramoe.fileio import atomic_write, atomic_write_text
+from loramoe.fileio import atomic_write_text
+from loramoe.plots import pyplot, save_figure
 
 
 def fmt(value: Any, digits: int = 1) -> str:
@@ -33,21 +34,6 @@ def signed(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else ("+" if value >= 0 else "") + fmt(value, digits)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> str:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    _plt().close(fig)
-    return path.name
-
-
 UNITS = {"gold_logprob": ("gold log-probability", "nats", 3), "mc": ("multiple choice", "points", 1)}
 
 
@@ -59,7 +45,7 @@ def ci(result: dict[str, Any], digits: int) -> str:
 
 
 def _trajectories(results: dict, path: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), layout="constrained")
     for ax, measure in zip(axes, ("gold_logprob", "mc")):
         label, unit, _ = UNITS[measure]
@@ -77,14 +63,15 @@ def _trajectories(results: dict, path: Path) -> str:
         ax.set_ylabel(f"{label}: change against the base ({unit})")
         ax.set_title(f"{label} along training (dotted: equal-skill levels)", fontsize=10)
     axes[0].legend(fontsize=7)
-    return _save(fig, path)
+    save_figure(fig, path)
+    return path.name
 
 
 def _router(results: dict, path: Path) -> str | None:
     routed = {name: arm["router"] for name, arm in results["arms"].items() if "router" in arm}
     if not routed:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(routed), figsize=(4.5 * len(routed), 3.4), squeeze=False, layout="constrained")
     for ax, (name, router) in zip(axes[0], routed.items()):
         for kind, per_group in router["final_per_layer"].items():
@@ -95,7 +82,8 @@ def _router(results: dict, path: Path) -> str | None:
         ax.set_ylabel("gate share to its own group")
         ax.set_title(f"{name}, end of run", fontsize=9)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    save_figure(fig, path)
+    return path.name
 
 
 def figures(results: dict, folder: Path) -> dict[str, str]:

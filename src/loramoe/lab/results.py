@@ -35,8 +35,6 @@ from loramoe.lab.stats import (
 from loramoe.metrics import contains_answer, per_item
 
 MEASURES = ("gold_logprob", "mc")
-MAIN = {"qa": "contains", "rouge": "rougeL", "translation": "chrf", "accuracy": "accuracy"}
-"""Each task metric's main per-item score."""
 SENTENCE_WORDS = 4
 """An answer of at least this many words is a sentence ("The capital of Peru is Lima."), else short."""
 DETECTABLE_STDERRS = 2.8
@@ -90,7 +88,7 @@ def _chat(probe: Probe, base: dict[str, Any], finals: list[dict[str, Any]], fina
 
 def _generation_scores(probe: Probe, answers: list[str]) -> np.ndarray:
     items = [probe.tasks[i] for i in probe.generation]
-    return np.array([per_item(t.metric, a, t.example)[MAIN[t.metric]] for t, a in zip(items, answers)])
+    return np.array([per_item(t.metric, a, t.example)[t.main] for t, a in zip(items, answers)])
 
 
 def _router(points_by_seed: list[list[dict[str, Any]]], groups: list[str]) -> dict[str, Any] | None:

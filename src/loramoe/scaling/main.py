@@ -41,8 +41,10 @@ from loramoe.data import IGNORE_INDEX, DataCollator, read_records, tokenize_reco
 from loramoe.errors import UsageError
 from loramoe.fileio import atomic_write_text, ensure_writable_folder
 from loramoe.forgetting import distribution_shift
+from loramoe.inference import eval_mode
 from loramoe.scaling.report import write_report
 from loramoe.suites import load_suite, to_training_records
+from loramoe.suites.registry import LM_LOSS, TASKS
 from loramoe.train.main import Method, train
 
 Metric = Literal["forgetting_ce", "kl", "top1_ce"]
@@ -57,23 +59,18 @@ QUICK = dict(ranks=[1, 2], steps=8, eval_every=2, texts=4, text_max_length=32, h
 
 def heldout_loss(model: torch.nn.Module, dataset, collator: DataCollator, batch_size: int = 8) -> float:
     """Token-weighted LM loss over the labelled (answer) tokens of a tokenized dataset."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
     device = next(model.parameters()).device
     order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))  # little padding
-    try:
-        with torch.no_grad():
-            for start in range(0, len(dataset), batch_size):
-                batch = collator([dataset[i] for i in order[start:start + batch_size]])
-                batch = {k: v.to(device) for k, v in batch.items() if k != "sample_type"}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                labels = batch["labels"][:, 1:]
-                total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                               ignore_index=IGNORE_INDEX, reduction="sum"))
-                count += int((labels != IGNORE_INDEX).sum())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = collator([dataset[i] for i in order[start:start + batch_size]])
+            batch = {k: v.to(device) for k, v in batch.items() if k != "sample_type"}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                           ignore_index=IGNORE_INDEX, reduction="sum"))
+            count += int((labels != IGNORE_INDEX).sum())
     if count == 0:
         raise UsageError("the held-out fine-tuning records have no answer tokens to score")
     return total / count
@@ -110,7 +107,7 @@ def general_texts(text: Path | None, count: int) -> list[str]:
     """The first ``count`` held-out texts: paragraphs (separated by blank lines) of ``text``, or
     the test side of the shipped Wikipedia paragraphs (``load_suite("lm-loss")``)."""
     if text is None:
-        return [example.prompt for example in load_suite("lm-loss")[0].test[:count]]
+        return [example.prompt for example in load_suite(LM_LOSS)[0].test[:count]]
     path = Path(text)
     if not path.is_file():
         raise UsageError(f"--text {path}: no such file")
@@ -139,7 +136,7 @@ def fine_tuning_data(data: Sequence[str] | None, folder: Path, tokenizer, *, max
         records, _ = read_records(list(data))
         rows = [{"messages": r.messages, **({"type": r.type} if r.type else {})} for r in records]
     else:
-        examples = [e for bench in load_suite("tasks", seed=seed) for e in bench.train]
+        examples = [e for bench in load_suite(TASKS, seed=seed) for e in bench.train]
         rows = _fitting(to_training_records(examples, type="task", seed=seed), tokenizer, max_length)
     if len(rows) <= heldout:
         raise UsageError(f"{len(rows)} fine-tuning records: need more than --heldout {heldout}")
@@ -190,7 +187,7 @@ def _run_one(settings: dict[str, Any], folder: Path, make_probe: Callable[[], Fo
 def scaling(
     model: str = "smollm2-135m",
     data: list[str] | None = None,
-    method: list[Method] = ["lora", "loramoe"],
+    method: list[Method] = ["lora", "loramoe"],  # noqa: B006 (never mutated; --help shows the list)
     ranks: list[int] | None = None,
     steps: int | None = None,
     eval_every: int | None = None,

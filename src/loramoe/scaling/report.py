@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from loramoe.fileio import atomic_write, atomic_write_text
+from loramoe.fileio import atomic_write_text
+from loramoe.plots import pyplot, save_figure
 from loramoe.scaling.laws import PowerLawFit, fit_linear_law, fit_power_law
 
 PAPER = {
@@ -109,22 +110,8 @@ def _by_method(runs: list[dict]) -> dict[str, list[dict]]:
     return grouped
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed on servers and in CI
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    plt = _pyplot()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
-
-
 def plot_steps(runs: list[dict], fits: dict, metric: str, exclude: int, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     grouped = _by_method(runs)
     fig, axes = plt.subplots(1, len(grouped), figsize=(5.5 * len(grouped), 4), squeeze=False)
     for ax, (method, method_runs) in zip(axes[0], grouped.items()):
@@ -142,11 +129,11 @@ def plot_steps(runs: list[dict], fits: dict, metric: str, exclude: int, path: Pa
                 ax.plot(grid, curve, "-", color=color, lw=1)
         ax.set(title=f"{method}: forgetting vs steps (hollow: not fitted)", xlabel="step", ylabel=metric)
         ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path, bbox_inches="tight")
 
 
 def plot_linear(runs: list[dict], fits: dict, metric: str, exclude: int, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for color, (method, method_runs) in zip(plt.cm.tab10.colors, _by_method(runs).items()):
         points = [p for run in method_runs for p in run["points"] if p["step"] > exclude]
@@ -159,11 +146,11 @@ def plot_linear(runs: list[dict], fits: dict, metric: str, exclude: int, path: P
                     label=f"{method}: L_f = -{law['c']:.3f} L_ft + {law['s']:.3f} (R2 {law['r2']:.3f})")
     ax.set(title="forgetting vs fine-tuning loss", xlabel="fine-tuning loss (held-out)", ylabel=metric)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path, bbox_inches="tight")
 
 
 def plot_residuals(runs: list[dict], fits: dict, metric: str, exclude: int, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     grouped = _by_method(runs)
     fig, axes = plt.subplots(len(grouped), 2, figsize=(10, 3.2 * len(grouped)), squeeze=False)
     for row, (method, method_runs) in zip(axes, grouped.items()):
@@ -179,7 +166,7 @@ def plot_residuals(runs: list[dict], fits: dict, metric: str, exclude: int, path
                 ax.axhline(0, color="grey", lw=0.8)
             ax.set(title=f"{method}: {title} residuals", xlabel=xlabel, ylabel=f"{metric} residual")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, bbox_inches="tight")
 
 
 def _num(value: Any, digits: int = 4) -> str:
@@ -189,10 +176,11 @@ def _num(value: Any, digits: int = 4) -> str:
 def render_markdown(result: dict[str, Any]) -> str:
     settings = result["settings"]
     lines = ["# Forgetting scaling laws (arXiv 2401.05605)", "",
-             f"Model `{settings['model']}`, methods {', '.join(settings['method'])}, sizes {settings['ranks']} "
-             f"(rank; experts of rank {settings['expert_rank']} for loramoe), {settings['steps']} steps, measured every "
-             f"{settings['eval_every']}, fitted after step {settings['exclude_steps']}, forgetting = `{settings['metric']}` "
-             f"on {settings['text_max_length']}-token held-out paragraphs. Wall time {result['seconds']:.0f} s.", "",
+             (f"Model `{settings['model']}`, methods {', '.join(settings['method'])}, sizes {settings['ranks']} "
+              f"(rank; experts of rank {settings['expert_rank']} for loramoe), {settings['steps']} steps, measured "
+              f"every {settings['eval_every']}, fitted after step {settings['exclude_steps']}, forgetting = "
+              f"`{settings['metric']}` on {settings['text_max_length']}-token held-out paragraphs. Wall time "
+              f"{result['seconds']:.0f} s."), "",
              "## Runs", "", "| method | size | trainable P | final step | fine-tuning loss | forgetting | KL | seconds |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in result["runs"]:
@@ -222,9 +210,9 @@ def render_markdown(result: dict[str, Any]) -> str:
     for name, law in PAPER["power_forgetting"].items():
         lines.append(f"| paper, {name}, forgetting | | | {law['alpha']} | | {law['beta']} | {_num(law.get('rho'))} | | "
                      f"{PAPER['power_r2']} | |")
-    lines += ["", "Undetermined: on a bound of the search, or a standard error larger than the value; the data do "
-              "not pin it down (a and alpha when the loss does not change with P), the law degenerates to a simpler "
-              "one, and R^2 says how well that one fits."]
+    lines += ["", ("Undetermined: on a bound of the search, or a standard error larger than the value; the data do "
+                   "not pin it down (a and alpha when the loss does not change with P), the law degenerates to a "
+                   "simpler one, and R^2 says how well that one fits.")]
     comparison, at_loss = result["comparison"], result["comparison_at_equal_loss"]
     lines += ["", "## LoRAMoE vs LoRA", "",
               comparison["sentence"] if comparison else "No LoRAMoE run has a LoRA run of near-equal size in this sweep.",
@@ -238,9 +226,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         twins = [p for p in comparison["pairs"] if p["size"] == 1 and p["reference_size"] == settings["expert_rank"]]
         if twins and twins[0]["reference_kl"] > 0:
             gap = abs(twins[0]["kl"] / twins[0]["reference_kl"] - 1) * 100
-            lines += ["", f"LoRAMoE with one expert computes what LoRA of rank {settings['expert_rank']} computes (a "
-                      f"softmax over one expert is 1), from another random initialisation: their KL differ by "
-                      f"{gap:.0f}%, a gauge of the run-to-run noise in these numbers."]
+            lines += ["", (f"LoRAMoE with one expert computes what LoRA of rank {settings['expert_rank']} computes "
+                           f"(a softmax over one expert is 1), from another random initialisation: their KL differ "
+                           f"by {gap:.0f}%, a gauge of the run-to-run noise in these numbers.")]
         lines.append("")
     lines += [at_loss["sentence"] if at_loss else "The two methods' fine-tuning losses do not overlap (or a line "
               "was not fitted): no comparison at equal fine-tuning loss.",

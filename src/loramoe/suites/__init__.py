@@ -14,7 +14,7 @@ train splits.
 | ``overlap`` | ``filter_overlap`` |
 | ``user`` | ``load_user_benchmark`` |
 | ``records`` | ``to_training_records`` |
-| ``registry`` | ``load_suite``, ``load_benchmark``, ``benchmark_names`` |
+| ``registry`` | ``BENCHMARKS`` (all a benchmark is), ``load_suite``, ``load_benchmark``, ``benchmark_names`` |
 """
 
 from loramoe.suites.base import Benchmark, Example, split_of
@@ -25,6 +25,6 @@ from loramoe.suites.text import normalize_answer
 from loramoe.suites.user import load_user_benchmark
 
 __all__ = [
-    "Benchmark", "Example", "split_of", "OverlapReport", "filter_overlap", "to_training_records",
-    "benchmark_names", "load_benchmark", "load_suite", "suite_names", "normalize_answer", "load_user_benchmark",
+    "Benchmark", "Example", "OverlapReport", "benchmark_names", "filter_overlap", "load_benchmark", "load_suite",
+    "load_user_benchmark", "normalize_answer", "split_of", "suite_names", "to_training_records",
 ]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from loramoe.suites import sources
@@ -171,7 +171,7 @@ def _demonyms(record: dict[str, Any], name: str) -> tuple[Value, ...]:
     return (spellings(joined, parts if len(parts) > 1 else ()),)
 
 
-@lru_cache(maxsize=None)
+@cache
 def countries() -> tuple[Country, ...]:
     """Every country and territory with a capital, sorted by name (about 245)."""
     records = _records()

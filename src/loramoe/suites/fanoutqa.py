@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from loramoe.suites import sources
-from loramoe.suites.base import Benchmark, Example, split
+from loramoe.suites.base import Example
 from loramoe.suites.text import normalize_answer, strip_accents, unique
 
 _REFERS_BACK = re.compile(r"\b(in it|of it|of them|these|those|the above|each of)\b", re.IGNORECASE)
@@ -53,9 +53,3 @@ def fanoutqa_examples() -> list[Example]:
             entry[2].extend([answer.strip(), strip_accents(answer.strip())])
     return [Example(id=f"fanoutqa/{leaf_id}", prompt=text, answers=unique(found), completion=f"Q: {text}\nA:")
             for leaf_id, text, found in questions.values()]
-
-
-def fanoutqa_benchmark(*, test_share: float = 0.5, seed: int = 0, limit: int | None = None) -> Benchmark:
-    """``knowledge/fanoutqa`` (type ``knowledge``, metric ``qa``)."""
-    train, test = split("knowledge/fanoutqa", fanoutqa_examples(), test_share=test_share, seed=seed, limit=limit)
-    return Benchmark("knowledge/fanoutqa", "knowledge", "qa", "chat", train, test)

@@ -17,7 +17,7 @@ relation are left out of it (islands have no borders, territories no language da
 from __future__ import annotations
 
 from loramoe.errors import UsageError
-from loramoe.suites.base import Benchmark, Example, split
+from loramoe.suites.base import Example
 from loramoe.suites.countries import Country, Value, by_code, countries
 from loramoe.suites.text import unique
 
@@ -110,18 +110,6 @@ def knowledge_examples(relation: str, *, templates: int = 1, min_population: int
                 answers=answers(values), completion=fill(completion, country.name), subject=country.name,
                 relation=relation, group=f"{relation}/{country.name}"))
     return examples
-
-
-def knowledge_benchmarks(*, test_share: float = 0.5, seed: int = 0, limit: int | None = None,
-                         min_population: int | None = None, templates: int = 1) -> list[Benchmark]:
-    """``knowledge/<relation>`` for every relation (type ``knowledge``, metric ``qa``)."""
-    benchmarks = []
-    for relation in RELATIONS:
-        name = f"knowledge/{relation}"
-        examples = knowledge_examples(relation, templates=templates, min_population=min_population)
-        train, test = split(name, examples, test_share=test_share, seed=seed, limit=limit)
-        benchmarks.append(Benchmark(name, "knowledge", "qa", "chat", train, test))
-    return benchmarks
 
 
 def phrasings(example: Example) -> list[str]:

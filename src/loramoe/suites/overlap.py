@@ -44,6 +44,7 @@ answer.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,7 +103,7 @@ def _from_example(example: Example) -> _Item:
 
 def _from_record(record: Record, raw: Mapping[str, Any]) -> _Item:
     messages = record.messages
-    turns = [(a["content"], b["content"]) for a, b in zip(messages, messages[1:])
+    turns = [(a["content"], b["content"]) for a, b in itertools.pairwise(messages)
              if (a["role"], b["role"]) == ("user", "assistant")]
     turns += [(raw[key], messages[-1]["content"]) for key in ("instruction", "input") if isinstance(raw.get(key), str)]
     turns = [(normalize_answer(request), normalize_answer(answer)) for request, answer in turns]

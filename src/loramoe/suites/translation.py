@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from loramoe.errors import UsageError
 from loramoe.suites import sources
-from loramoe.suites.base import Benchmark, Example, split
+from loramoe.suites.base import Example
 from loramoe.suites.countries import countries
 from loramoe.suites.text import normalize_answer, strip_accents, unique
 
@@ -71,13 +71,3 @@ def phrasings(example: Example) -> list[str]:
     lang, kind = (example.relation or "").removeprefix("translation-").split("/")
     slots = {"kind": kind, "source": example.subject or "", "language": LANGUAGES[lang]}
     return [chat.format(**slots) for chat, _ in TEMPLATES]
-
-
-def translation_benchmarks(*, test_share: float = 0.2, seed: int = 0, limit: int | None = None) -> list[Benchmark]:
-    """``task/translation-<lang>`` for de, es and fr (type ``task``, metric ``translation``)."""
-    benchmarks = []
-    for lang in LANGUAGES:
-        name = f"task/translation-{lang}"
-        train, test = split(name, translation_examples(lang), test_share=test_share, seed=seed, limit=limit)
-        benchmarks.append(Benchmark(name, "task", "translation", "chat", train, test))
-    return benchmarks

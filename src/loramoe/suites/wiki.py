@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from loramoe.errors import UsageError
 from loramoe.suites import sources
-from loramoe.suites.base import Benchmark, Example, Metric, split, split_of
+from loramoe.suites.base import Example, split_of
 
 TEXT_SHARE = 0.2
 """The share of articles kept for ``text/wikipedia`` and out of every task benchmark."""
@@ -75,7 +75,7 @@ class Article:
     topic: str
 
 
-@lru_cache(maxsize=None)
+@cache
 def articles() -> tuple[Article, ...]:
     """The cleaned articles, sorted by title."""
     kept, seen = [], set()
@@ -141,20 +141,8 @@ def phrasings(example: Example) -> list[str]:
     return [chat.format(**slots) for chat, _ in TEMPLATES[task]]
 
 
-def wiki_task_benchmarks(*, test_share: float = 0.2, seed: int = 0, limit: int | None = None) -> list[Benchmark]:
-    """``task/summarization`` (rouge), ``task/topic`` (accuracy), ``task/extraction`` (qa)."""
-    metrics: dict[str, Metric] = {"summarization": "rouge", "topic": "accuracy", "extraction": "qa"}
-    benchmarks = []
-    for task, metric in metrics.items():
-        train, test = split(f"task/{task}", task_examples(task), test_share=test_share, seed=seed, limit=limit)
-        benchmarks.append(Benchmark(f"task/{task}", "task", metric, "chat", train, test))
-    return benchmarks
-
-
-def text_benchmark(*, test_share: float = 0.5, seed: int = 0, limit: int | None = None) -> Benchmark:
-    """``text/wikipedia``: the text pool's paragraphs (type ``text``, metric ``lm_loss``); the
-    train side is general text a training mix may replay, the test side is for the loss."""
-    examples = [Example(id=f"wikipedia/{a.title}", prompt=a.text, group=f"wiki/{a.title}")
-                for a in articles() if pool_of(a.title) == "text"]
-    train, test = split("text/wikipedia", examples, test_share=test_share, seed=seed, limit=limit)
-    return Benchmark("text/wikipedia", "text", "lm_loss", "completion", train, test)
+def text_examples() -> list[Example]:
+    """``text/wikipedia``: the text pool's paragraphs, without answers; the train side is general
+    text a training mix may replay, the test side is for the language-model loss."""
+    return [Example(id=f"wikipedia/{a.title}", prompt=a.text, group=f"wiki/{a.title}")
+            for a in articles() if pool_of(a.title) == "text"]
