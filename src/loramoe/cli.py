@@ -19,6 +19,7 @@ from jsonargparse import auto_cli, set_loader
 from loramoe.demo import run_demo
 from loramoe.errors import LoramoeError, UsageError
 from loramoe.evaluate import evaluate
+from loramoe.generate import generate
 from loramoe.lab import lab
 from loramoe.scaling import scaling
 from loramoe.train import train
@@ -48,7 +49,8 @@ def _load_config(text: str) -> Any:
     return config
 
 
-COMMANDS = {"lab": lab, "demo": run_demo, "train": train, "eval": evaluate, "scaling": scaling}
+COMMANDS = {"lab": lab, "demo": run_demo, "train": train, "eval": evaluate, "generate": generate,
+            "scaling": scaling}
 LIST_FLAGS = {"--data", "--val_data", "--target_modules", "--train_data", "--columns"}
 """Flags that take several values, written the usual way: ``--data a.jsonl b.csv``."""
 BOOL_FLAGS = {f"--{name}" for command in COMMANDS.values()
@@ -88,6 +90,26 @@ def _normalise_flags(argv: list[str]) -> list[str]:
     return out
 
 
+def _positional_prompt(argv: list[str]) -> list[str]:
+    """``loramoe generate "text"``: the one bare argument that no flag takes as its value is the
+    prompt (``--prompt "text"``)."""
+    if not argv or argv[0] != "generate":
+        return argv
+    out, i = ["generate"], 1
+    while i < len(argv):
+        arg = argv[i]
+        takes_value = arg.startswith("--") and "=" not in arg and f"--{arg[2:].replace('-', '_')}" not in BOOL_FLAGS
+        if arg.startswith("--"):
+            out.append(arg)
+            if takes_value and i + 1 < len(argv):
+                out.append(argv[i + 1])
+                i += 1
+        else:
+            out += ["--prompt", arg]
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run a subcommand. The project's own errors (bad data, adapters, settings, missing or occupied
     folders) print as one line, ``loramoe: error: <message>``, with exit code 1; ``--debug``, anywhere
@@ -97,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv or os.environ.get("LORAMOE_DEBUG", "").lower() not in ("", "0", "false", "no")
     argv = [arg for arg in argv if arg != "--debug"]
     set_loader("loramoe_yaml", _load_config)
-    args = _normalise_flags(argv)
+    args = _normalise_flags(_positional_prompt(argv))
     if args[:1] == ["lab"]:  # the lab's settings file is not a file of its flags (jsonargparse's --config)
         args = [re.sub(r"^--config(?==|$)", "--lab_config", arg) for arg in args]
     try:
