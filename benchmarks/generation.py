@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> dict:
     for b in args.batches:
         print(f"batch {b:>3}: base {tokens_per_s[f'base b={b}']:8.1f} tok/s, LoRAMoE "
               f"{tokens_per_s[f'LoRAMoE b={b}']:8.1f} tok/s, ratio {ratio[f'b={b}']:.2f}")
-    result = {"machine": machine(device), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    result = {"machine": machine(device),
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "tokens_per_s": tokens_per_s, "loramoe_over_base": ratio,
               "times_ms": {name: [1000 * s for s in t] for name, t in times.items()}}
     write_json(args.json, result)

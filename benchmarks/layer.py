@@ -274,7 +274,8 @@ def run(args: argparse.Namespace) -> dict:
     if "LoRAMoE production, dropout 0" in median_ms:
         dropout_cost = paired_ratio(times, "LoRAMoE production", "LoRAMoE production, dropout 0")
         print(f"production with dropout {args.dropout} over production without: {dropout_cost:.3f}x")
-    result = {"machine": machine(device), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    result = {"machine": machine(device),
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "median_ms": median_ms, "ratio_to_frozen": ratio, "ratio_quartiles": spread,
               "loop_over_production": speedup, "dropout_over_none": dropout_cost,
               "peak_bytes": peak, "peak_ratio_to_frozen": peak_ratio,

@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> dict:
     for name, ms in median_ms.items():
         print(f"{name:<14}{ms:>10.1f} ms{ratio[name]:>8.2f}x  ({spread[name][0]:.2f}-{spread[name][1]:.2f})")
     print(f"16 experts of rank 16: {ratio['E=16 r=16']:.2f}x frozen (goal <= 1.5x)")
-    result = {"machine": machine(device), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    result = {"machine": machine(device),
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "median_ms": median_ms, "ratio_to_frozen": ratio, "ratio_quartiles": spread,
               "times_ms": {name: [1000 * s for s in t] for name, t in times.items()}}
     write_json(args.json, result)

@@ -15,7 +15,9 @@ from transformers import PreTrainedTokenizerFast
 
 from loramoe.data import IGNORE_INDEX, PLAIN_TEMPLATE, DataCollator, DataError, Record, read_records, tokenize_records
 
-WORDS = ["[UNK]", "[PAD]", "</s>", "###", "Instruction", "Response", "System", ":", "<", ">", "user", "assistant", "system", "bot", "what", "is", "the", "capital", "of", "France", "Peru", "Paris", "Lima", "be", "brief", "a", "b", "c", "d", "e"]
+WORDS = ["[UNK]", "[PAD]", "</s>", "###", "Instruction", "Response", "System", ":", "<", ">", "user", "assistant",
+         "system", "bot", "what", "is", "the", "capital", "of", "France", "Peru", "Paris", "Lima", "be", "brief", "a",
+         "b", "c", "d", "e"]
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}> {{ m.content }} </s> {% endfor %}"
                  "{% if add_generation_prompt %}<assistant> {% endif %}")
 RECORDS = [

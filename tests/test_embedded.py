@@ -48,7 +48,8 @@ def test_attach_step_save_load_generate(smollm, tmp_path):
         loramoe.load_adapter(fresh, tmp_path)
         with torch.no_grad():
             assert torch.equal(fresh(**batch).logits, model(**batch).logits)
-        assert _greedy(fresh, tokenizer, "The capital of Italy is", 6) == _greedy(model, tokenizer, "The capital of Italy is", 6)
+        assert (_greedy(fresh, tokenizer, "The capital of Italy is", 6)
+                == _greedy(model, tokenizer, "The capital of Italy is", 6))
     finally:
         loramoe.detach(model)
 

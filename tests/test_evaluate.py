@@ -76,8 +76,8 @@ def test_eval_against_a_saved_base_eval_on_items_the_training_data_does_not_give
     assert given_away.id not in [item["id"] for item in capital["items"]]
     assert base["benchmarks"]["text/wikipedia"]["test_items"] == 2
 
-    tuned = evaluate(model=str(tiny_run / "model"), adapter=tiny_run / "adapter", base_eval=tmp_path / "base" / "eval.json",
-                     output=tmp_path / "tuned", **settings)
+    tuned = evaluate(model=str(tiny_run / "model"), adapter=tiny_run / "adapter",
+                     base_eval=tmp_path / "base" / "eval.json", output=tmp_path / "tuned", **settings)
     entry = tuned["benchmarks"]["knowledge/capital"]
     assert entry["base_scores"] == capital["scores"] and "change" in entry
     assert [i["base_prediction"] for i in entry["items"]] == [i["prediction"] for i in capital["items"]]
@@ -116,7 +116,8 @@ def _base_eval(edit) -> bytes:
     (b'{"benchmarks": ["knowledge/capital"]}', "not an eval.json"),
     (b'{"benchmarks": {"knowledge/capital": 5}}', "no items for benchmark 'knowledge/capital'"),
     (_base_eval(lambda e: e.update(items={"capital/France/0": {}})), "no items for benchmark 'knowledge/capital'"),
-    (_base_eval(lambda e: e["items"].__setitem__(1, "Lima")), "benchmark 'knowledge/capital': item 1 is not a JSON object"),
+    (_base_eval(lambda e: e["items"].__setitem__(1, "Lima")),
+     "benchmark 'knowledge/capital': item 1 is not a JSON object"),
     (_base_eval(lambda e: e["items"][0].pop("id")), "item 0: 'id' must be a string, got None"),
     (_base_eval(lambda e: e["items"][1].pop("prediction")), "item 1: 'prediction' must be a string, got None"),
     (_base_eval(lambda e: e["items"][1].update(contains="no")), "item 1: 'contains' must be a number, got 'no'"),

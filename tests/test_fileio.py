@@ -41,7 +41,8 @@ def test_the_converted_model_cache_is_readable_by_others_under_the_usual_umask(t
     gguf = tmp_path / "fake.gguf"
     gguf.write_bytes(b"x" * 10)
     monkeypatch.setattr(loramoe_models, "_gguf_path", lambda spec: gguf)
-    monkeypatch.setattr(loramoe_models, "_convert_gguf", lambda gguf_path, out, name: (out / "config.json").write_text("{}"))
+    monkeypatch.setattr(loramoe_models, "_convert_gguf",
+                        lambda gguf_path, out, name: (out / "config.json").write_text("{}"))
     with umask(0o022):
         folder = loramoe_models.embedded_model_dir("smollm2-135m")
     assert mode(folder) == 0o755 and mode(folder / "config.json") == 0o644

@@ -127,7 +127,8 @@ def test_training_with_dropout_replays_exactly_from_a_saved_rng_state():
     model, optimizer = fresh()
     torch.manual_seed(5)
     steps(model, optimizer, 2)
-    rng, weights, moments = torch.get_rng_state(), copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    rng, weights, moments = (torch.get_rng_state(), copy.deepcopy(model.state_dict()),
+                             copy.deepcopy(optimizer.state_dict()))
     straight = steps(model, optimizer, 2)
     model, optimizer = fresh()
     model.load_state_dict(weights)

@@ -92,7 +92,8 @@ def _arm(rng, drop: float, seeds: int, facts: int = 300, tasks: int = 60) -> Arm
     """Paths whose knowledge falls by ``drop`` per unit of skill, with item noise."""
     gains = np.array([0.0, 0.5, 1.0, 1.5])
     base_know, base_loss = rng.normal(size=facts), rng.uniform(1, 3, size=tasks)
-    know = base_know + (-drop * gains)[None, :, None] + rng.normal(0, 0.3, size=(seeds, 4, facts)) * (gains > 0)[:, None]
+    know = (base_know + (-drop * gains)[None, :, None]
+            + rng.normal(0, 0.3, size=(seeds, 4, facts)) * (gains > 0)[:, None])
     loss = base_loss - gains[None, :, None] + rng.normal(0, 0.1, size=(seeds, 4, tasks)) * (gains > 0)[:, None]
     know[:, 0], loss[:, 0] = base_know, base_loss
     return ArmData([0, 1, 2, 3], {"gold_logprob": know}, loss)

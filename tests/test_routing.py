@@ -95,5 +95,6 @@ def test_only_layers_run_inside_the_models_forward_are_recorded():
 
 
 def test_capture_needs_loramoe_layers():
-    with pytest.raises(ValueError, match="no LoRAMoE layer"), capture_routing(loramoe.attach(tiny_llama(), LoraConfig())):
+    with (pytest.raises(ValueError, match="no LoRAMoE layer"),
+          capture_routing(loramoe.attach(tiny_llama(), LoraConfig()))):
         pass

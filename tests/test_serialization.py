@@ -136,10 +136,13 @@ NAN, INF = float("nan"), float("inf")
      "key 'model.layers.1.mlp.down_proj.router.weight' holds 1 NaN or Inf values"),
     (lambda f: _edit_weights(f, lambda t: t.update({KEY: t[KEY].fill_(NAN).to(torch.float8_e4m3fn)})),
      rf"key '{KEY}' holds 256 NaN or Inf values \(of 256\)"),
-    (lambda f: _edit_config(f, lambda d: d["config"].update(r="2")), r"json: field 'config.r': must be of type int, got '2'"),
-    (lambda f: _edit_config(f, lambda d: d["config"].update(r=True)), "field 'config.r': must be of type int, got True"),
+    (lambda f: _edit_config(f, lambda d: d["config"].update(r="2")),
+     r"json: field 'config.r': must be of type int, got '2'"),
+    (lambda f: _edit_config(f, lambda d: d["config"].update(r=True)),
+     "field 'config.r': must be of type int, got True"),
     (lambda f: _edit_config(f, lambda d: d["config"].update(r=2.0)), "field 'config.r': must be of type int, got 2.0"),
-    (lambda f: _edit_config(f, lambda d: d["config"].update(alpha=NAN)), "field 'config.alpha': must be finite, got nan"),
+    (lambda f: _edit_config(f, lambda d: d["config"].update(alpha=NAN)),
+     "field 'config.alpha': must be finite, got nan"),
     (lambda f: _edit_config(f, lambda d: d["config"].update(balance_weight=INF)),
      "field 'config.balance_weight': must be finite, got inf"),
     (lambda f: _edit_config(f, lambda d: d["config"].update(num_experts=None, groups={"knowledge": True, "task": 3})),
@@ -150,10 +153,13 @@ NAN, INF = float("nan"), float("inf")
     (lambda f: (f / CONFIG_NAME).write_text('"x"'), "adapter_config.json: expected a JSON object, found a string"),
     (lambda f: (f / CONFIG_NAME).write_bytes(b'\xff\xfe{\x00}\x00'), "adapter_config.json: not UTF-8 text"),
     (lambda f: _edit_config(f, lambda d: d.update(config=None)), "field 'config': expected a JSON object, found null"),
-    (lambda f: _edit_config(f, lambda d: d.update(config=["r"])), "field 'config': expected a JSON object, found an array"),
-    (lambda f: _edit_config(f, lambda d: d.update(loramoe=5)), "field 'loramoe': expected a JSON object, found a number"),
+    (lambda f: _edit_config(f, lambda d: d.update(config=["r"])),
+     "field 'config': expected a JSON object, found an array"),
+    (lambda f: _edit_config(f, lambda d: d.update(loramoe=5)),
+     "field 'loramoe': expected a JSON object, found a number"),
     (lambda f: _edit_config(f, lambda d: d.update(target_paths="model.layers.0.mlp.up_proj")), "field 'target_paths'"),
-    (lambda f: _edit_config(f, lambda d: d.update(base_model=5)), "field 'base_model': expected a JSON object, found a number"),
+    (lambda f: _edit_config(f, lambda d: d.update(base_model=5)),
+     "field 'base_model': expected a JSON object, found a number"),
     (lambda f: _edit_config(f, lambda d: d["base_model"].update(hidden_size="32")),
      "field 'base_model.hidden_size': must be an integer, got '32'"),
     (lambda f: _edit_config(f, lambda d: d["base_model"].update(vocab_size=100)),
@@ -233,7 +239,8 @@ def test_configs_built_in_python_check_their_types():
         TiedLoraConfig(alpha=NAN)
     with pytest.raises(ValueError, match=r"num_experts must be of type int \| None, got False"):
         LoraMoEConfig(num_experts=False)
-    assert LoraConfig(alpha=16, target_modules=("q_proj", "v_proj")).scale == 2.0  # an int for a float, a tuple for a list
+    # an int for a float, a tuple for a list
+    assert LoraConfig(alpha=16, target_modules=("q_proj", "v_proj")).scale == 2.0
 
 
 def test_training_fields_round_trip_and_older_files_without_them_load(tmp_path):

@@ -185,7 +185,8 @@ def test_resume_after_a_kill_during_a_checkpoint_matches_an_uninterrupted_run(ti
     killed = dict(settings, output=str(tmp_path / "killed"))
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
-    run = subprocess.run([sys.executable, str(script), repr(killed)], env=child_env(), capture_output=True, text=True, check=False)
+    run = subprocess.run([sys.executable, str(script), repr(killed)], env=child_env(), capture_output=True, text=True,
+                         check=False)
     assert run.returncode == -9, run.stderr[-2000:]
     checkpoints = tmp_path / "killed" / "checkpoints"
     assert (checkpoints / "checkpoint-4").is_dir() and not (checkpoints / "checkpoint-4" / COMPLETE_MARKER).exists()

@@ -111,7 +111,8 @@ def lab(
         embedded_model_dir(settings.model)
     batch = records_per_step(settings)
     # smoothing=0: the time left follows the pace of the whole lab so far, not of its last run
-    progress = tqdm(total=sum(_costs(r, batch)["total"] for r in runs) + BASE_SECONDS, unit="s", desc="lab", smoothing=0,
+    progress = tqdm(total=sum(_costs(r, batch)["total"] for r in runs) + BASE_SECONDS, unit="s", desc="lab",
+                    smoothing=0,
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
     progress.set_postfix_str("scoring the base model")
     base, cached = score_base(settings, probe, output, key)
@@ -131,7 +132,8 @@ def lab(
         records.append(record)
         points[run.name] = read_points(output, record)
         last = points[run.name][-1]
-        progress.write(f"{run.name}: step {last['step']}, task loss {sum(last['task_loss']) / len(last['task_loss']):.3f} "
+        progress.write(f"{run.name}: step {last['step']}, "
+                       f"task loss {sum(last['task_loss']) / len(last['task_loss']):.3f} "
                        f"(base {sum(base['task_loss']) / len(base['task_loss']):.3f})")
     progress.close()
     results: dict[str, Any] = {

@@ -52,7 +52,8 @@ def _trajectories(results: dict, path: Path) -> str:
         for name, arm in results["arms"].items():
             p = arm["path"]
             seeds = len(arm["seeds"])
-            line, = ax.plot(p["skill"], p[measure], marker="o", label=f"{name} ({seeds} seed{'s' if seeds > 1 else ''})")
+            line, = ax.plot(p["skill"], p[measure], marker="o",
+                            label=f"{name} ({seeds} seed{'s' if seeds > 1 else ''})")
             if len(p["per_seed"]) > 1:
                 for seed in p["per_seed"].values():
                     ax.plot(seed["skill"], seed[measure], color=line.get_color(), alpha=0.3, linewidth=0.8)
@@ -139,13 +140,15 @@ def _design(results: dict) -> list[str]:
                      f"{fmt(arm['train_seconds'])} |")
     p, m = results["probe"], results["mix"]
     lines += ["", (f"The mix: {fmt(m['total'])} records, {fmt(m['knowledge'])} of them knowledge QA. The probe: "
-              f"{fmt(p['facts'])} held-out facts ({'; '.join(f'{r} {fmt(n)}' for r, n in p['facts_per_relation'].items())}: "
+              f"{fmt(p['facts'])} held-out facts "
+              f"({'; '.join(f'{r} {fmt(n)}' for r, n in p['facts_per_relation'].items())}: "
               f"{fmt(p['removed_by_overlap'])} removed as given away by the mix), each a statement to complete and a "
               f"choice among {fmt(p['choices'])} answers of its relation; {fmt(p['task_items'])} task items "
               f"({'; '.join(f'{t} {fmt(n)}' for t, n in p['task_items_per_task'].items())}); {fmt(p['chat_items'])} "
               f"facts asked in chat and {fmt(p['generation_items'])} task items answered freely at the end. The "
               f"base model: multiple choice {fmt(results['base']['mc'])} %, mean gold log-probability "
-              f"{fmt(results['base']['gold_logprob'], 3)} nats, task loss {fmt(results['base']['task_loss'], 3)} nats.")]
+              f"{fmt(results['base']['gold_logprob'], 3)} nats, "
+              f"task loss {fmt(results['base']['task_loss'], 3)} nats.")]
     return lines
 
 
@@ -177,7 +180,8 @@ def _ends(results: dict) -> list[str]:
     lines = ["## At the end of each run", "", ("Changes against the base model, paired by item, seeds pooled "
              f"(estimate [{fmt(results['constants']['interval_percent'])} % interval])."), "",
              ("| arm | task skill (nats) | gold log-probability (nats) | multiple choice (points) | "
-             "chat answers right (points) | task answers, main metric (points) |"), "| --- | --- | --- | --- | --- | --- |"]
+             "chat answers right (points) | task answers, main metric (points) |"),
+             "| --- | --- | --- | --- | --- | --- |"]
     for name, arm in results["arms"].items():
         e = arm["end"]
         lines.append(f"| {name} | {ci(e['skill'], 3)} | {ci(e['gold_logprob'], 3)} | {ci(e['mc'], 1)} | "
@@ -188,7 +192,8 @@ def _ends(results: dict) -> list[str]:
               "from facts lost; a fact lost in chat that multiple choice still gets right was lost to format, "
               "not forgotten."), "",
               ("| arm | right (%) | base right (%) | format changed (%) | facts lost | of them, format changed | "
-              "of them, multiple choice still right | facts gained |"), "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "of them, multiple choice still right | facts gained |"),
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, arm in results["arms"].items():
         c = arm["chat"]
         lines.append(f"| {name} | {fmt(c['accuracy'])} | {fmt(c['base_accuracy'])} | {fmt(c['format_changed'])} | "
@@ -210,7 +215,8 @@ def _routers(results: dict) -> list[str]:
     lines = ["## Router: does any specialisation happen?", "",
              ("The gate share each type of item (held-out fact statements, task prompts) sends to its own expert "
              "group, averaged over layers and seeds, at each scored step; with no preference it equals the group's "
-             "share of the experts. The localized balancing constraint's optimum is half of one minus delta of the mass on "
+             "share of the experts. The localized balancing constraint's optimum is half of one minus delta of the "
+             "mass on "
              "a sample's own group (0.450 at delta 0.1), slightly *against* specialisation; the routing objective's "
              "is its target."), "", "| arm | step | knowledge items to knowledge group | task items to task group |",
              "| --- | --- | --- | --- |"]

@@ -101,7 +101,8 @@ def _router(points_by_seed: list[list[dict[str, Any]]], groups: list[str]) -> di
                  for i in range(len(steps))] for t in own}
     per_layer = {t: {g: np.mean([seed[-1]["router"][t][g] for seed in points_by_seed], axis=0).tolist()
                      for g in groups} for t in own}
-    depth = {t: [float(np.mean(part)) for part in np.array_split(np.array(per_layer[t][t]), min(3, len(per_layer[t][t])))]
+    depth = {t: [float(np.mean(part))
+                 for part in np.array_split(np.array(per_layer[t][t]), min(3, len(per_layer[t][t])))]
              for t in own}
     return {"steps": steps, "own_group_share": along, "own_share_by_depth": depth, "final_per_layer": per_layer,
             "uniform_share": {g: 1.0 / len(groups) for g in groups}}
@@ -128,9 +129,11 @@ def build(config: LabConfig, probe: Probe, base: dict[str, Any], records: list[d
         arm, finals = arms[name], [points[r["name"]][-1] for r in rs]
         skill_paths = arm.task_loss[:, :1].mean(-1) - arm.task_loss.mean(-1)  # (seeds, points)
         path = {"steps": arm.steps, "skill": skill_paths.mean(0).tolist(),
-                **{m: (arm.knowledge[m].mean(-1) - arm.knowledge[m][:, :1].mean(-1)).mean(0).tolist() for m in MEASURES},
+                **{m: (arm.knowledge[m].mean(-1) - arm.knowledge[m][:, :1].mean(-1)).mean(0).tolist()
+                   for m in MEASURES},
                 "per_seed": {str(r["seed"]): {"skill": skill_paths[i].tolist(),
-                                              **{m: (arm.knowledge[m][i].mean(-1) - arm.knowledge[m][i, 0].mean()).tolist()
+                                              **{m: (arm.knowledge[m][i].mean(-1)
+                                                     - arm.knowledge[m][i, 0].mean()).tolist()
                                                  for m in MEASURES}} for i, r in enumerate(rs)}}
         end = {m: end_change(name, arm.knowledge[m][:, -1], base_know[m], draws.facts, draws) for m in MEASURES}
         end["skill"] = end_change(name, -arm.task_loss[:, -1], -np.array(base["task_loss"]), draws.tasks, draws)

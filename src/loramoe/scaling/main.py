@@ -269,7 +269,8 @@ def scaling(
         base_probe = ForgettingProbe(tokenizer, general, held, eval_every=1, text_max_length=opts["text_max_length"])
         base_point = base_probe.measure(attach(base, LoraConfig(r=1)), 0)  # B = 0: the base model itself
         common = dict(model=model, data=str(train_file), data_digest=_digest(train_file.read_bytes()),
-                      heldout_digest=_digest(heldout_file.read_bytes()), texts_digest=_digest(json.dumps(general).encode()),
+                      heldout_digest=_digest(heldout_file.read_bytes()),
+                      texts_digest=_digest(json.dumps(general).encode()),
                       text_max_length=opts["text_max_length"], steps=opts["steps"], eval_every=opts["eval_every"],
                       max_length=opts["max_length"], batch_size=opts["batch_size"], lr=lr, warmup_ratio=warmup_ratio,
                       scheduler=scheduler, scale=scale, dropout=dropout, expert_rank=expert_rank, seed=seed)

@@ -17,7 +17,8 @@ from loramoe.scaling.laws import PowerLawFit, fit_linear_law, fit_power_law
 PAPER = {
     "source": "arXiv 2401.05605 (Llama 2 7B chat, LoRA ranks 8-256, 260 steps, first 50 excluded)",
     "linear": {"OpenOrca": {"c": 1.733, "s": 2.048, "r2": 0.945}, "News": {"c": 1.062, "s": 3.129, "r2": 0.974}},
-    "power_forgetting": {"OpenOrca": {"alpha": 0.035, "beta": 0.147, "rho": 7.69}, "News": {"alpha": 0.046, "beta": 0.104}},
+    "power_forgetting": {"OpenOrca": {"alpha": 0.035, "beta": 0.147, "rho": 7.69},
+                         "News": {"alpha": 0.046, "beta": 0.104}},
     "power_r2": "0.96-0.98",
 }
 """The paper's fitted constants, as collected in docs/method.md, section 3 ("Scaling laws of
@@ -75,7 +76,8 @@ def compare(runs: list[dict], reference: str = "lora", candidate: str = "loramoe
     sentence = (f"At near-equal trainable parameters ({len(pairs)} pair(s), sizes within {MATCH_RATIO}x), "
                 f"{NAMES[candidate]} forgot {abs(change):.0f}% {'less' if change < 0 else 'more'} than "
                 f"{NAMES[reference]} after "
-                f"{runs[0]['points'][-1]['step']} steps (mean KL to the base model {kl:.4f} vs {ref_kl:.4f} nats/token) "
+                f"{runs[0]['points'][-1]['step']} steps "
+                f"(mean KL to the base model {kl:.4f} vs {ref_kl:.4f} nats/token) "
                 f"while reaching a fine-tuning loss of {ft:.3f} vs {ref_ft:.3f}.")
     return {"pairs": pairs, "kl": kl, "reference_kl": ref_kl, "fine_tuning_loss": ft,
             "reference_fine_tuning_loss": ref_ft, "kl_change_percent": change, "sentence": sentence}
@@ -98,7 +100,8 @@ def compare_at_equal_loss(runs: list[dict], fits: dict, metric: str, exclude: in
     loss = float(np.median(shared))
     ref_value, value = (-law["c"] * loss + law["s"] for law in laws)
     sentence = (f"At equal fine-tuning loss ({loss:.3f}, the median of the points in the range both reached), "
-                f"the fitted lines give {NAMES[candidate]} a forgetting ({metric}) of {value:.4f} against {ref_value:.4f} for "
+                f"the fitted lines give {NAMES[candidate]} a forgetting ({metric}) of {value:.4f} "
+                f"against {ref_value:.4f} for "
                 f"{NAMES[reference]} ({value - ref_value:+.4f} nats/token).")
     return {"fine_tuning_loss": loss, "forgetting": value, "reference_forgetting": ref_value, "sentence": sentence}
 
@@ -181,13 +184,16 @@ def render_markdown(result: dict[str, Any]) -> str:
               f"every {settings['eval_every']}, fitted after step {settings['exclude_steps']}, forgetting = "
               f"`{settings['metric']}` on {settings['text_max_length']}-token held-out paragraphs. Wall time "
               f"{result['seconds']:.0f} s."), "",
-             "## Runs", "", "| method | size | trainable P | final step | fine-tuning loss | forgetting | KL | seconds |",
+             "## Runs", "",
+             "| method | size | trainable P | final step | fine-tuning loss | forgetting | KL | seconds |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in result["runs"]:
         last = run["points"][-1]
         lines.append(f"| {run['method']} | {run['size']} | {run['trainable_parameters']:,} | {last['step']} | "
-                     f"{last['fine_tuning_loss']:.4f} | {last[settings['metric']]:.4f} | {last['kl']:.5f} | {run['seconds']} |")
-    lines += ["", "## Law 1: L_f = -c * L_ft + s", "", "| fit | c | s | R^2 | points |", "| --- | --- | --- | --- | --- |"]
+                     f"{last['fine_tuning_loss']:.4f} | {last[settings['metric']]:.4f} | {last['kl']:.5f} | "
+                     f"{run['seconds']} |")
+    lines += ["", "## Law 1: L_f = -c * L_ft + s", "", "| fit | c | s | R^2 | points |",
+              "| --- | --- | --- | --- | --- |"]
     for method, fit in result["fits"].items():
         law = fit["linear"]
         lines.append(f"| {method} | " + (f"{law['error']} | | | |" if "error" in law else
@@ -204,7 +210,8 @@ def render_markdown(result: dict[str, Any]) -> str:
             if "error" in law:
                 lines.append(f"| {method}, {label} | {law['error']} | | | | | | | | |")
             else:
-                lines.append(f"| {method}, {label} | {law['c']:+.0f} | {law['a']:.4g} | {law['alpha']:.4g} | {law['b']:.4g} | "
+                lines.append(f"| {method}, {label} | {law['c']:+.0f} | {law['a']:.4g} | {law['alpha']:.4g} | "
+                             f"{law['b']:.4g} | "
                              f"{law['beta']:.4g} | {law['rho']:.4g} | {law['s']:.4g} | {law['r2']:.3f} | "
                              f"{', '.join(law['undetermined']) or '-'} |")
     for name, law in PAPER["power_forgetting"].items():
@@ -215,12 +222,14 @@ def render_markdown(result: dict[str, Any]) -> str:
                    "simpler one, and R^2 says how well that one fits.")]
     comparison, at_loss = result["comparison"], result["comparison_at_equal_loss"]
     lines += ["", "## LoRAMoE vs LoRA", "",
-              comparison["sentence"] if comparison else "No LoRAMoE run has a LoRA run of near-equal size in this sweep.",
+              comparison["sentence"] if comparison
+              else "No LoRAMoE run has a LoRA run of near-equal size in this sweep.",
               ""]
     if comparison:
         lines += ["| LoRAMoE experts | P | LoRA rank | P | KL LoRAMoE | KL LoRA | L_ft LoRAMoE | L_ft LoRA |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {p['size']} | {p['params']:,} | {p['reference_size']} | {p['reference_params']:,} | {p['kl']:.5f} | "
+        lines += [f"| {p['size']} | {p['params']:,} | {p['reference_size']} | {p['reference_params']:,} | "
+                  f"{p['kl']:.5f} | "
                   f"{p['reference_kl']:.5f} | {p['fine_tuning_loss']:.4f} | {p['reference_fine_tuning_loss']:.4f} |"
                   for p in comparison["pairs"]]
         twins = [p for p in comparison["pairs"] if p["size"] == 1 and p["reference_size"] == settings["expert_rank"]]

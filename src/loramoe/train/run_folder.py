@@ -27,7 +27,8 @@ RUN_FILES = ("train_config.yaml", "train_summary.json", "adapter_config.json", "
              "model.safetensors", "config.json", "checkpoints", "logs")
 """Names that only a run folder holds: ``--overwrite`` clears a folder that has one of them."""
 
-NOT_IDENTITY = {"data", "val_data", "columns", "output", "resume", "overwrite", "logging_steps", "save_steps", "save_total_limit",
+NOT_IDENTITY = {"data", "val_data", "columns", "output", "resume", "overwrite", "logging_steps", "save_steps",
+                "save_total_limit",
                 "trust_remote_code", "gradient_checkpointing", "skip_bad_records", "require_types", "callbacks"}
 """Settings that do not change what a run computes: where it reads and writes (the data enter
 through their hash), how often it logs and saves, what it checks, and how it trades memory for
