@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from jsonargparse import auto_cli, set_loader
 
+from loramoe.convert import convert
 from loramoe.demo import run_demo
 from loramoe.errors import LoramoeError, UsageError
 from loramoe.evaluate import evaluate
@@ -50,7 +51,7 @@ def _load_config(text: str) -> Any:
 
 
 COMMANDS = {"lab": lab, "demo": run_demo, "train": train, "eval": evaluate, "generate": generate,
-            "scaling": scaling}
+            "scaling": scaling, "convert": convert}
 LIST_FLAGS = {"--data", "--val_data", "--target_modules", "--train_data", "--columns"}
 """Flags that take several values, written the usual way: ``--data a.jsonl b.csv``."""
 BOOL_FLAGS = {f"--{name}" for command in COMMANDS.values()
@@ -90,22 +91,29 @@ def _normalise_flags(argv: list[str]) -> list[str]:
     return out
 
 
-def _positional_prompt(argv: list[str]) -> list[str]:
-    """``loramoe generate "text"``: the one bare argument that no flag takes as its value is the
-    prompt (``--prompt "text"``)."""
-    if not argv or argv[0] != "generate":
+POSITIONAL = {"generate": ["prompt"], "convert": ["src", "dst"]}
+"""Per subcommand, the parameters its bare arguments fill, in order: ``loramoe generate "text"``,
+``loramoe convert SRC DST``."""
+
+
+def _positionals(argv: list[str]) -> list[str]:
+    """Bare arguments (ones no flag takes as its value) as the flags of ``POSITIONAL``."""
+    names = list(POSITIONAL.get(argv[0], [])) if argv else []
+    if not names:
         return argv
-    out, i = ["generate"], 1
+    out, i = [argv[0]], 1
     while i < len(argv):
         arg = argv[i]
-        takes_value = arg.startswith("--") and "=" not in arg and f"--{arg[2:].replace('-', '_')}" not in BOOL_FLAGS
         if arg.startswith("--"):
             out.append(arg)
+            takes_value = "=" not in arg and f"--{arg[2:].replace('-', '_')}" not in BOOL_FLAGS
             if takes_value and i + 1 < len(argv):
                 out.append(argv[i + 1])
                 i += 1
+        elif names:
+            out += [f"--{names.pop(0)}", arg]
         else:
-            out += ["--prompt", arg]
+            raise UsageError(f"{argv[0]}: unexpected argument {arg!r} (it takes {', '.join(POSITIONAL[argv[0]])})")
         i += 1
     return out
 
@@ -119,10 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv or os.environ.get("LORAMOE_DEBUG", "").lower() not in ("", "0", "false", "no")
     argv = [arg for arg in argv if arg != "--debug"]
     set_loader("loramoe_yaml", _load_config)
-    args = _normalise_flags(_positional_prompt(argv))
-    if args[:1] == ["lab"]:  # the lab's settings file is not a file of its flags (jsonargparse's --config)
-        args = [re.sub(r"^--config(?==|$)", "--lab_config", arg) for arg in args]
     try:
+        args = _normalise_flags(_positionals(argv))
+        if args[:1] == ["lab"]:  # the lab's settings file is not a file of its flags (jsonargparse's --config)
+            args = [re.sub(r"^--config(?==|$)", "--lab_config", arg) for arg in args]
         auto_cli(COMMANDS, args=args, as_positional=False, parser_mode="loramoe_yaml")
     except LoramoeError as error:
         if debug:

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from loramoe.adapters import LAYER_CLASSES, AdapterConfig, LoraConfig
-from loramoe.adapters.base import SUPPORTED_BASE_LAYERS, ConfigFieldError, layer_shape
+from loramoe.adapters.base import SUPPORTED_BASE_LAYERS, AdapterLayer, ConfigFieldError, layer_shape
 from loramoe.adapters.lora import PEFT_FIELDS
 from loramoe.attach import adapter_config, adapter_layers, attach_paths
 from loramoe.errors import LoramoeError
@@ -68,13 +68,31 @@ def write_adapter_folder(model: nn.Module, directory: str | os.PathLike, config:
                          tensors: dict[str, torch.Tensor]) -> Path:
     """Write ``tensors`` (by disk key) as an adapter of ``config`` on the modules of ``model``'s
     attached adapter, each file replaced atomically."""
+    layers = list(adapter_layers(model))
+    return _write_folder(directory, config, [path for path, _ in layers], tensors, _base_model_info(model), layers)
+
+
+def write_adapter_files(directory: str | os.PathLike, config: AdapterConfig, target_paths: list[str],
+                        tensors: dict[str, torch.Tensor], base_model: dict[str, Any] | None = None) -> Path:
+    """Write ``tensors`` (by disk key) as an adapter of ``config`` on the modules ``target_paths``
+    without a model at hand (converters), each file replaced atomically. ``base_model`` is what is
+    known of the model (``name_or_path`` and any sizes of docs/format.md); sizes left out are not
+    checked on loading. Kinds whose config document depends on the base layers (LoRA records
+    whether they are Conv1D) are written from a model, with :func:`write_adapter_folder`."""
+    if LAYER_CLASSES[config.method].config_document.__func__ is not AdapterLayer.config_document.__func__:
+        raise ValueError(f"a {config.method} adapter's config depends on its base layers: "
+                         "write it from a model with write_adapter_folder")
+    return _write_folder(directory, config, list(target_paths), tensors,
+                         {"name_or_path": None, **(base_model or {})}, [])
+
+
+def _write_folder(directory: str | os.PathLike, config: AdapterConfig, paths: list[str],
+                  tensors: dict[str, torch.Tensor], base_model: dict[str, Any],
+                  layers: list[tuple[str, AdapterLayer]]) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    layers = list(adapter_layers(model))
-    paths = [path for path, _ in layers]
     block = {"method": config.method, "loramoe_version": version("loramoe"),
-             "config": dataclasses.asdict(config), "target_paths": paths,
-             "base_model": _base_model_info(model)}
+             "config": dataclasses.asdict(config), "target_paths": paths, "base_model": base_model}
     document = LAYER_CLASSES[config.method].config_document(config, block, layers)
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write_text(out / CONFIG_NAME, json.dumps(document, indent=2) + "\n")
