@@ -85,7 +85,8 @@ def test_a_converted_paper_adapter_gives_the_papers_logits(tmp_path, fmt, one_th
     state = paper_state(model)
     want = paper_logits(model, state, batch)
     with torch.no_grad():
-        assert (want - model(**batch).logits).abs().max() > 0.1  # the experts do change the logits
+        change = (want - model(**batch).logits).abs().max().item()
+    assert change > 0.1  # the experts do change the logits
     out = convert_paper_adapter(write_paper_folder(tmp_path / "paper", state, fmt=fmt), tmp_path / "ours")
     config, paths = read_adapter_config(out)
     assert (config.num_experts, config.r, config.alpha, config.dropout) == (EXPERTS, RANK, ALPHA, 0.05)
@@ -96,8 +97,12 @@ def test_a_converted_paper_adapter_gives_the_papers_logits(tmp_path, fmt, one_th
     with torch.no_grad():
         got = loaded(**batch).logits
     diff = (got - want).abs().max().item()
-    print(f"max logit difference ({fmt}): {diff:.3g}")
-    assert diff < 1e-5
+    print(f"max logit difference ({fmt}): {diff:.3g}, the experts' change {change:.3g}")
+    # The experts swell the residual stream to ~90 before the final norm brings the logits to ~0.5, so
+    # fp32 rounding in another order (fused group vs loop) is a few ulps of ~90 (7.6e-6), up to 1.4e-5 on
+    # the logits with ATen's default (non-AVX) kernels: bounded relative to what the adapter changes,
+    # which a conversion error (a swapped group, A/B or scale) moves by order 1.
+    assert diff < 1e-3 * change
 
 
 def test_groups_default_to_the_papers_halves_and_can_be_given(tmp_path):

@@ -85,7 +85,11 @@ def test_one_edit_to_the_router_changes_every_path(monkeypatch):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         if gates is not None:
             torch.testing.assert_close(gates, plain_gates)
-    # the fused op's hand-written backward took the edit too: it agrees with autograd through the plain path
+    # the fused op's hand-written backward took the edit too: it agrees with autograd through the plain path.
+    # The losses sum (not average), so gradient entries reach ~70 and each is a sum of such terms that cancel:
+    # the two backward passes differ by a few fp32 ulps of that size (up to 3e-6 of the largest entry with one
+    # thread, which broke rtol 1e-5 on a small entry), so the tolerance is 1e-4 of the largest entry; the edit
+    # itself scales the logits' gradient by 4.
     for got, want in zip(_grads(fused_x, fused_members, fused_outs, fused_gates),
                          _grads(plain_x, plain_members, plain_outs, plain_gates)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=0.0, atol=1e-4 * want.abs().max().item())
