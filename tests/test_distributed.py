@@ -56,8 +56,9 @@ def test_two_processes_agree_and_match_one_process_with_the_same_global_batch(tm
                          env=env, capture_output=True, text=True, timeout=600, check=False)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     (tmp_path / "single").mkdir()
-    single = subprocess.run([sys.executable, str(script), repr(dict(common, batch_size=8, output=str(tmp_path / "single"))),
-                             str(tmp_path / "single")], env=env, capture_output=True, text=True, timeout=600, check=False)
+    single_settings = repr(dict(common, batch_size=8, output=str(tmp_path / "single")))
+    single = subprocess.run([sys.executable, str(script), single_settings, str(tmp_path / "single")],
+                            env=env, capture_output=True, text=True, timeout=600, check=False)
     assert single.returncode == 0, single.stderr[-3000:]
     rank0, rank1 = load_file(tmp_path / "ddp" / "rank0.safetensors"), load_file(tmp_path / "ddp" / "rank1.safetensors")
     alone = load_file(tmp_path / "single" / "rank0.safetensors")
@@ -67,6 +68,8 @@ def test_two_processes_agree_and_match_one_process_with_the_same_global_batch(tm
     print(f"max |ddp - single| on lora_B: {moved:.2e} (largest lora_B entry {scale:.2e})")
     # float32 sums in another order (each process pads to its own longest record, the gathered batch
     # is in another order) differ by ~1e-7 relative, and Adam's m / sqrt(v) amplifies that on entries
-    # whose gradient is near zero: up to 3e-7 measured over seeds 0-3. A real mismatch moves far
-    # more: beta 0.11 instead of 0.1, or summed instead of per-token importance, moves lora_B by 1e-2.
-    assert scale > 0 and moved <= 1e-4 * scale
+    # whose gradient is near zero: up to 3e-7 measured over seeds 0-3, and 6.7e-7 (half of 1e-4 of
+    # the largest entry) with other kernels (ATEN_CPU_CAPABILITY=avx2, MKL_CBWR=COMPATIBLE). A real
+    # mismatch moves far more: beta 0.11 instead of 0.1, or summed instead of per-token importance,
+    # moves lora_B by 1e-2. 1e-3 of the largest entry (1.2e-5) is 20x the one and 1/800 of the other.
+    assert scale > 0 and moved <= 1e-3 * scale

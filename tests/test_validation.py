@@ -81,3 +81,13 @@ def test_a_validation_split_is_the_same_in_any_order_and_the_loss_is_logged(tiny
 def test_validation_settings_that_contradict_each_other_are_refused(tmp_path, setting, message):
     with pytest.raises(UsageError, match=message):
         train(data=["never-read.jsonl"], model="never-loaded", output=tmp_path / "run", **setting)
+
+
+def test_each_validation_of_loramoe_sees_the_weights_of_its_step(tiny_model_dir, tmp_path):
+    # the fused AdamW the Trainer uses writes parameters without bumping their version counters,
+    # which keyed LoRAMoE's inference plan: every validation after the first saw the first's weights
+    data = _write(tmp_path / "train.jsonl", _records(16))
+    summary = train(data=[data], val_split=0.25, model=tiny_model_dir, max_steps=3, batch_size=4, max_length=32,
+                    lr=5e-2, save_steps=1, logging_steps=1, dropout=0.0, output=tmp_path / "run")
+    losses = [loss for _, loss in summary["validation"]["losses"]]
+    assert len(losses) == 3 and len(set(losses)) == 3

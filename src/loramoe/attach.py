@@ -22,6 +22,9 @@ M = TypeVar("M", bound=nn.Module)
 
 _CONFIG_ATTR = "loramoe_config"
 _REQUIRES_GRAD_ATTR = "_loramoe_requires_grad"
+_HF_ADAPTERS_ATTR = "_hf_peft_config_loaded"
+"""transformers' mark of a model with trainable adapters, set by its PEFT integration: its Trainer
+refuses to train a quantized model without it."""
 
 
 def adapter_config(model: nn.Module) -> AdapterConfig | None:
@@ -57,6 +60,8 @@ def attach_paths(model: M, config: AdapterConfig, paths: list[str]) -> M:
         parent, name = _parent(model, path)
         setattr(parent, name, layer.train(bases[path].training))  # keep eval mode (dropout off)
     setattr(model, _CONFIG_ATTR, config)
+    if getattr(model, "is_quantized", False):
+        setattr(model, _HF_ADAPTERS_ATTR, True)
     return model
 
 
@@ -80,12 +85,14 @@ def detach(model: M, *, merged: bool = False) -> M:
         param.requires_grad_(getattr(model, _REQUIRES_GRAD_ATTR).get(name, param.requires_grad))
     delattr(model, _CONFIG_ATTR)
     delattr(model, _REQUIRES_GRAD_ATTR)
+    vars(model).pop(_HF_ADAPTERS_ATTR, None)
     return model
 
 
 def merge(model: M) -> M:
     """Fold every adapter layer's update into its base weight (idempotent; ``unmerge`` undoes it
-    exactly). Raises MergeError for LoRAMoE, whose router depends on the input."""
+    exactly). Raises MergeError for LoRAMoE, whose router depends on the input, and for a quantized
+    base, whose packed weight cannot take a float update."""
     layers = [layer for _, layer in adapter_layers(model)]
     if not layers:
         raise UsageError("model has no loramoe adapter to merge")

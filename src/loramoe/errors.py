@@ -29,3 +29,7 @@ class MissingFileError(LoramoeError, FileNotFoundError):
 
 class OutputFolderError(LoramoeError, FileExistsError):
     """The output folder holds another run, or cannot be written."""
+
+
+class MissingPackageError(LoramoeError, ImportError):
+    """An optional package the run asks for is not installed; the message names the extra to install."""

@@ -26,6 +26,7 @@ from loramoe.adapters.base import SUPPORTED_BASE_LAYERS, AdapterLayer, MergeErro
 from loramoe.attach import adapter_config, adapter_layers, disabled_adapters
 from loramoe.errors import UsageError
 from loramoe.inference import eval_mode
+from loramoe.quantized import dense_weight, is_quantized
 
 
 def knowledge_change(base: Mapping[str, bool], tuned: Mapping[str, bool]) -> dict:
@@ -136,7 +137,8 @@ def parameter_drift(model: nn.Module, base_state: Mapping[str, Tensor] | None = 
     if adapter_config(model) is not None:
         for path, layer in adapter_layers(model):
             delta, extra = _effective_delta(layer)
-            w0 = layer.base_layer.weight.float()
+            base = layer.base_layer
+            w0 = (dense_weight(base) if is_quantized(base) else base.weight).float()
             w0 = w0.T if w0.shape != delta.shape else w0  # Conv1D stores (d_in, d_out)
             layer_index, module = _layer_and_module(path)
             row = {"path": path, "layer": layer_index, "module": module,

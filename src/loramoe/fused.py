@@ -29,6 +29,9 @@ Adapter maths runs in the model's dtype (the routers' fp32 weights are cast to i
 matmul) and the router's logits-to-gates step in fp32, so gates are fp32. The dropout scale
 1/(1-p) rides on the gates.
 Members share one expert count, rank and scale (they come from one config).
+
+A member without a weight (a quantized base, whose packed weight only its own module can use) gets
+the experts' part alone: the caller adds the base layer's output, and its gradient to x, itself.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ from loramoe.functional import drop_inputs, zero_dropped_
 class Member(NamedTuple):
     """One projection of a group: its frozen base and its experts, in the on-disk layouts."""
 
-    weight: Tensor
-    """(d_out, d_in), frozen (a transposed view for a Conv1D base)."""
+    weight: Tensor | None
+    """(d_out, d_in), frozen (a transposed view for a Conv1D base); None: the caller computes the
+    base (its bias included, so ``bias`` is None too)."""
     bias: Tensor | None
     router: Tensor
     """(E, d_in), float32."""
@@ -100,7 +104,7 @@ def _mixture_forward(x2: Tensor, drop: Tensor | None, gate_scale: float, bases: 
     for i, (weight, bias) in enumerate(bases):
         cols = hw[:, i * width:(i + 1) * width]
         out = cols @ experts.b[i].T if bias is None else torch.addmm(bias, cols, experts.b[i].T)
-        outs.append(out.addmm_(x2, weight.T))  # the large matmul accumulates onto the small one
+        outs.append(out if weight is None else out.addmm_(x2, weight.T))  # the large matmul accumulates onto it
     return outs, gates, h
 
 
@@ -156,7 +160,8 @@ class _LoraMoEGroup(torch.autograd.Function):
                 grad_x = grad_both @ torch.cat([a_cat, router_cat])
         if grad_x is not None:
             for g, weight in zip(g_outs, weights):
-                grad_x.addmm_(g, weight)
+                if weight is not None:
+                    grad_x.addmm_(g, weight)
             grad_x = grad_x.view(ctx.x_shape)
         member_grads = []
         for i in range(k):
@@ -185,8 +190,8 @@ class InferencePlan(NamedTuple):
     """(d_in, K*E*r + K*E): every member's A, then every router, for one matmul."""
     b_t: list[Tensor]
     """Per member, (E*r, d_out): B_1 ... B_E stacked, times the scale."""
-    weight_t: list[Tensor]
-    """Per member, the base weight as (d_in, d_out)."""
+    weight_t: list[Tensor | None]
+    """Per member, the base weight as (d_in, d_out), or None (see ``Member.weight``)."""
     bias: list[Tensor | None]
     num_experts: int
 
@@ -194,7 +199,8 @@ class InferencePlan(NamedTuple):
 def inference_plan(members: Sequence[Member], dtype: torch.dtype, scale: float) -> InferencePlan:
     experts = concat_experts(members, dtype, shared_pass=True, b_scale=scale)
     return InferencePlan(experts.both.T.contiguous(), [b.T.contiguous() for b in experts.b],
-                         [m.weight.T for m in members], [m.bias for m in members], members[0].lora_A.shape[0])
+                         [None if m.weight is None else m.weight.T for m in members], [m.bias for m in members],
+                         members[0].lora_A.shape[0])
 
 
 def loramoe_group_inference(x: Tensor, plan: InferencePlan) -> tuple[list[Tensor], Tensor]:
@@ -217,6 +223,9 @@ def loramoe_group_inference(x: Tensor, plan: InferencePlan) -> tuple[list[Tensor
     outs = []
     for i, (b_t, weight_t, bias) in enumerate(zip(plan.b_t, plan.weight_t, plan.bias)):
         cols = hw if k == 1 else hw[:, i * width:(i + 1) * width]
+        if weight_t is None:
+            outs.append(torch.mm(cols, b_t).view(*lead, -1))
+            continue
         out = torch.mm(x2, weight_t) if bias is None else torch.addmm(bias, x2, weight_t)
         outs.append(out.addmm_(cols, b_t).view(*lead, -1))
     return outs, gates.view(*lead, k, e)

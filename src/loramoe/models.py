@@ -22,6 +22,7 @@ import platformdirs
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from loramoe import quantized
 from loramoe.errors import MissingFileError
 from loramoe.fileio import umask_mode
 
@@ -138,18 +139,36 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Pre
 
 
 def load(name_or_path: str, *, dtype: torch.dtype | str | None = None, device: str | None = None,
-         trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+         trust_remote_code: bool = False, quantize: str | None = None,
+         ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(model, tokenizer)`` for an embedded model name (see ``EMBEDDED``), a local folder or a
-    Hugging Face hub id. ``dtype`` defaults to float32; remote code runs only if asked for."""
+    Hugging Face hub id. ``dtype`` defaults to float32; remote code runs only if asked for.
+
+    ``quantize`` ``"4bit"`` (NF4, each matmul in ``dtype``) or ``"8bit"`` (LLM.int8()) loads the
+    linear layers quantized by bitsandbytes (the ``loramoe[quant]`` extra), the output embeddings
+    left in ``dtype``; the model is then placed at load time, on ``device`` or else on the GPU of
+    this process if there is one (``LOCAL_RANK``'s, as ``accelerate launch`` and ``torchrun`` set it),
+    else the CPU (see :mod:`loramoe.quantized`)."""
+    quantized.require_bitsandbytes(quantize)
     source = _source(name_or_path)
+    dtype = dtype or torch.float32
+    options = {}
+    if quantize is not None:
+        compute = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype  # None ("auto"): float32
+        if device is None:
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+        # a quantized model cannot be moved once loaded: it is loaded in place
+        options = {"quantization_config": quantized.quantization_config(quantize, compute), "device_map": {"": device}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32,
-                                                     trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **options)
     except OSError as e:
         raise _not_loadable(name_or_path, source, e) from e
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     if name_or_path in EMBEDDED:
         model.config._name_or_path = name_or_path
-    if device is not None:
+    if quantize is not None:
+        quantized.keep_gradients_on_cpu(model)
+    elif device is not None:
         model.to(device)
     return model, tokenizer

@@ -1,8 +1,9 @@
 """What every adapter kind shares: wrapping a frozen base layer, exact merge/unmerge, on/off.
 
 An adapter layer replaces a frozen ``nn.Linear`` (weight (d_out, d_in)) or a GPT-2 style
-``Conv1D`` (weight (d_in, d_out), transposed) in place. It keeps the base layer as its
-``base_layer`` child and adds ``adapter_delta(x)`` to the base output. Kinds subclass
+``Conv1D`` (weight (d_in, d_out), transposed) in place, or a bitsandbytes 4-bit or 8-bit
+``nn.Linear`` (see :mod:`loramoe.quantized`). It keeps the base layer as its ``base_layer`` child
+and adds ``adapter_delta(x)`` to the base output. Kinds subclass
 ``AdapterLayer`` once and implement ``adapter_delta`` and, where the update is a fixed matrix,
 ``delta_weight``; a kind whose files follow another layout overrides ``disk_key`` and
 ``config_document``. A kind is its module plus its entry in ``loramoe.adapters.LAYER_CLASSES``.
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from loramoe.errors import LoramoeError, UsageError
+from loramoe.quantized import compute_dtype, is_quantized
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
@@ -70,7 +72,8 @@ class AdapterConfig:
     """Dropout on the adapter's input; the base layer and the router see the input unchanged."""
 
     dtype: str | None = None
-    """Adapter parameter dtype (``"float32"``, ``"bfloat16"``, ...). None: the base weight's dtype."""
+    """Adapter parameter dtype (``"float32"``, ``"bfloat16"``, ...). None: the base weight's dtype (for a
+    quantized base, the dtype it computes in: see :func:`loramoe.quantized.compute_dtype`)."""
 
     def __post_init__(self) -> None:
         # before any range check, which would compare "4" with 1 and fail with a TypeError
@@ -105,6 +108,8 @@ class AdapterLayer(nn.Module):
     the adapted weights while merged)."""
 
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    display_name: ClassVar[str] = "adapter"
+    """The kind's name in reports and plots."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -122,7 +127,9 @@ class AdapterLayer(nn.Module):
 
     @staticmethod
     def parameter_dtype(base_layer: nn.Module, config: AdapterConfig) -> torch.dtype:
-        return getattr(torch, config.dtype) if config.dtype else base_layer.weight.dtype
+        if config.dtype:
+            return getattr(torch, config.dtype)
+        return compute_dtype(base_layer) if is_quantized(base_layer) else base_layer.weight.dtype
 
     def adapter_delta(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -141,6 +148,11 @@ class AdapterLayer(nn.Module):
     def merge(self) -> None:
         if self.merged:
             return
+        if is_quantized(self.base_layer):
+            raise MergeError(f"cannot merge into the quantized base layer {type(self.base_layer).__name__}: its "
+                             "weight is stored as packed integers, which a float update cannot be folded into. The "
+                             "adapter is the same file whatever the base's precision: load the base unquantized, "
+                             "load the adapter onto it, and merge there")
         delta = self.delta_weight()
         weight = self.base_layer.weight
         self._unmerged_weight = weight.detach().clone()

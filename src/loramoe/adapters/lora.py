@@ -49,6 +49,7 @@ class LoraLinear(AdapterLayer):
     """A frozen linear (or Conv1D) layer with a LoRA update."""
 
     config_class = LoraConfig
+    display_name = "LoRA"
 
     def __init__(self, base_layer: nn.Module, config: LoraConfig) -> None:
         super().__init__(base_layer)

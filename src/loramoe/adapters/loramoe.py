@@ -13,6 +13,10 @@ returns when the model calls it with that same input tensor (same object, not mo
 since). The model's own forward code runs unchanged, so any call order, a sibling called with
 other inputs or alone, and recomputation under gradient checkpointing all stay correct.
 
+Over a quantized base (:mod:`loramoe.quantized`) the group still runs as one op for the experts and
+routers, but the base product is the quantized layer's own forward (bitsandbytes' kernel and
+backward), added to the op's output: gradients reach x through both.
+
 The router depends on the input, so LoRAMoE cannot be merged into W0.
 """
 
@@ -32,6 +36,7 @@ from loramoe.balance import IMPORTANCE_MODES
 from loramoe.errors import UsageError
 from loramoe.functional import dropout_positions, loramoe_delta
 from loramoe.fused import Member, inference_plan, loramoe_group, loramoe_group_inference
+from loramoe.quantized import is_quantized
 from loramoe.router import router_gates
 
 RoutingHook = Callable[["LoraMoELinear", Tensor], None]
@@ -152,6 +157,7 @@ class LoraMoELinear(AdapterLayer):
     """
 
     config_class = LoraMoEConfig
+    display_name = "LoRAMoE"
 
     def __init__(self, base_layer: nn.Module, config: LoraMoEConfig) -> None:
         super().__init__(base_layer)
@@ -163,6 +169,7 @@ class LoraMoELinear(AdapterLayer):
         # (x, x's version, output, the group's gates, our index in them) that a sibling computed for us
         self._handed: tuple | None = None
         self._inference_plan: tuple | None = None  # (key, InferencePlan) for generation without autograd
+        self._quantized_base = is_quantized(base_layer)
         dtype = self.parameter_dtype(base_layer, config)
         device = base_layer.weight.device
         e, r = config.num_experts, config.r
@@ -212,22 +219,30 @@ class LoraMoELinear(AdapterLayer):
         return out
 
     def _fusable(self, x: Tensor) -> bool:
-        """Whether the fused op can compute this layer for x: an active adapter over a frozen,
-        hook-free nn.Linear or Conv1D base in x's dtype (the op calls no base module). Reads the
-        module dicts directly: this runs for every layer and decoded token, where nn.Module's
-        attribute lookup would cost more than the check."""
-        base, params = self._modules["base_layer"], self._parameters
+        """Whether the fused op can compute this layer for x: an active adapter in x's dtype over a
+        frozen, hook-free nn.Linear or Conv1D base in x's dtype (the op calls no base module), or
+        over a quantized base (whose own module runs beside the op). Reads the module dicts
+        directly: this runs for every layer and decoded token, where nn.Module's attribute lookup
+        would cost more than the check."""
+        if self.merged or self.disabled or self._parameters["lora_A"].dtype != x.dtype:
+            return False
+        if self._quantized_base:
+            return True
+        base = self._modules["base_layer"]
         weight, bias = base._parameters["weight"], base._parameters.get("bias")
-        return (not self.merged and not self.disabled and type(base) in SUPPORTED_BASE_LAYERS
+        return (type(base) in SUPPORTED_BASE_LAYERS
                 and not base._forward_hooks and not base._forward_pre_hooks and "forward" not in base.__dict__
                 and not weight.requires_grad and (bias is None or not bias.requires_grad)
-                and weight.dtype == params["lora_A"].dtype == x.dtype)
+                and weight.dtype == x.dtype)
 
     def _member(self) -> Member:
         base, params = self._modules["base_layer"], self._parameters
+        router = self._modules["router"]._parameters["weight"]
+        if self._quantized_base:  # the op computes the experts only: see _run_group
+            return Member(None, None, router, params["lora_A"], params["lora_B"])
         weight = base._parameters["weight"]
-        return Member(weight.T if isinstance(base, Conv1D) else weight, base._parameters.get("bias"),
-                      self._modules["router"]._parameters["weight"], params["lora_A"], params["lora_B"])
+        return Member(weight.T if isinstance(base, Conv1D) else weight, base._parameters.get("bias"), router,
+                      params["lora_A"], params["lora_B"])
 
     def _run_group(self, x: Tensor, group: list[LoraMoELinear]) -> tuple[list[Tensor], Tensor]:
         members = [layer._member() for layer in group]
@@ -239,8 +254,16 @@ class LoraMoELinear(AdapterLayer):
             dtype = torch.get_autocast_dtype(device)
             members = [Member(*(None if t is None else t.to(dtype) for t in m)) for m in members]
             with torch.autocast(device, enabled=False):
-                return self._run_members(x.to(dtype), members)
-        return self._run_members(x, members)
+                outs, gates = self._run_members(x.to(dtype), members)
+        else:
+            outs, gates = self._run_members(x, members)
+        # a quantized weight is unpacked only by its own module's kernels, which also carry the
+        # gradient to x through the base: its product is added here (out of place: the op's outputs
+        # are views of its own, which autograd does not let change in place)
+        for i, layer in enumerate(group):
+            if layer._quantized_base:
+                outs[i] = layer._modules["base_layer"](x) + outs[i]
+        return outs, gates
 
     def _run_members(self, x: Tensor, members: list[Member]) -> tuple[list[Tensor], Tensor]:
         training = self.training and self.dropout > 0
@@ -252,6 +275,13 @@ class LoraMoELinear(AdapterLayer):
         if self._inference_plan is None or self._inference_plan[0] != key:
             self._inference_plan = (key, inference_plan(members, x.dtype, self.scale))
         return loramoe_group_inference(x, self._inference_plan[1])
+
+    def train(self, mode: bool = True) -> LoraMoELinear:
+        # the inference plan is keyed on the tensors' version counters, which fused optimizers
+        # (AdamW(fused=True), the Trainer's default) do not bump: an evaluation between training
+        # steps would reuse the experts laid out before the steps. Every switch of mode drops it.
+        self._inference_plan = None
+        return super().train(mode)
 
     def adapter_delta(self, x: Tensor) -> Tensor:
         return loramoe_delta(x.to(self.lora_A.dtype), router_gates(x, self.router.weight), self.lora_A,

@@ -168,6 +168,7 @@ class TiedLoraLinear(AdapterLayer):
     pair of its tie name, the same objects in every layer; ``lora_u``/``lora_v`` are None when frozen."""
 
     config_class = TiedLoraConfig
+    display_name = "Tied LoRA"
 
     def __init__(self, base_layer: nn.Module, config: TiedLoraConfig, lora_A: nn.Parameter,
                  lora_B: nn.Parameter) -> None:

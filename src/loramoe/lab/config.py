@@ -20,12 +20,14 @@ from loramoe.errors import LoramoeError
 from loramoe.suites.records import AnswerStyle
 from loramoe.suites.registry import mix_names
 from loramoe.train import train
+from loramoe.train.main import Method
 
 DEFAULT_CONFIG = resources.files("loramoe.lab").joinpath("lab.yaml")
 LAB_OWNED = {"data", "output", "model", "seed", "resume", "overwrite", "init_adapter", "method", "max_steps",
              "callbacks"}
 """``loramoe train`` settings the lab sets itself, per run."""
 TRAIN_SETTINGS = set(inspect.signature(train).parameters) - LAB_OWNED
+METHODS = get_args(Method)  # `loramoe train`'s, from the adapter table
 WHOLE = {"variants"}
 """Mappings a later file replaces whole instead of merging key by key (so a profile can drop arms)."""
 
@@ -136,8 +138,8 @@ def _check(config: LabConfig, where: str) -> None:
     if not config.variants:
         raise LabConfigError(f"{where}: 'variants' names no method to train")
     for name, settings in config.variants.items():
-        if not isinstance(settings, dict) or settings.get("method") not in ("full", "lora", "tied-lora", "loramoe"):
-            raise LabConfigError(f"{where}: variants.{name}.method must be full, lora, tied-lora or loramoe")
+        if not isinstance(settings, dict) or settings.get("method") not in METHODS:
+            raise LabConfigError(f"{where}: variants.{name}.method must be one of {', '.join(METHODS)}")
         unknown = sorted(set(settings) - TRAIN_SETTINGS - {"method", "seeds"})
         if unknown:
             raise LabConfigError(f"{where}: variants.{name}.{unknown[0]} is not a `loramoe train` setting")

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from loramoe.adapters import LAYER_CLASSES
 from loramoe.fileio import atomic_write_text
 from loramoe.plots import pyplot, save_figure
 from loramoe.scaling.laws import PowerLawFit, fit_linear_law, fit_power_law
@@ -25,7 +26,7 @@ PAPER = {
 forgetting")."""
 
 PLOTS = {"steps": "forgetting_vs_steps.png", "linear": "forgetting_vs_finetuning.png", "residuals": "residuals.png"}
-NAMES = {"lora": "LoRA", "tied-lora": "Tied LoRA", "loramoe": "LoRAMoE", "full": "full fine-tuning"}
+NAMES = {**{kind.config_class.method: kind.display_name for kind in LAYER_CLASSES.values()}, "full": "full fine-tuning"}
 MATCH_RATIO = 1.5
 """Runs of two methods count as of near-equal size when their trainable parameters differ by at
 most this factor."""

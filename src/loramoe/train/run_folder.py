@@ -93,7 +93,8 @@ def check_resume(checkpoint: Path, saved: Mapping[str, Any] | None, identity: Ma
         raise OutputFolderError(f"--resume: {checkpoint} records no settings (an older loramoe wrote it), so "
                                 "it cannot be checked against this run; train into a new folder or --overwrite")
     for key in dict.fromkeys([*identity, *saved]):
-        if key not in saved or key not in identity or saved[key] != identity[key]:
+        # a setting added since the checkpoint was written is absent from it: its default, None, matches
+        if saved.get(key) != identity.get(key):
             if key in ("data_sha256", "val_data_sha256"):
                 what = f"other {'validation ' if key.startswith('val') else ''}data (the records' hash differs)"
             else:

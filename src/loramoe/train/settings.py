@@ -66,6 +66,9 @@ def check_settings(s: Mapping[str, Any]) -> None:
         raise UsageError(f"{', '.join(_flag(n) for n in foreign)}: not a setting of --method {method}")
     if method == "full" and s["init_adapter"] is not None:
         raise UsageError("--init-adapter: --method full trains the whole model, not an adapter")
+    if method == "full" and s["quantize"] is not None:
+        raise UsageError(f"--quantize {s['quantize']}: --method full trains the base model's weights, which a "
+                         "quantized base keeps frozen; train an adapter (--method loramoe, lora or tied-lora)")
     if (method == LoraMoEConfig.method and s["num_experts"] is not None and s["groups"] is None
             and s["init_adapter"] is None):
         warnings.warn(f"--num-experts {s['num_experts']} without --groups makes one pool of experts: the default "

@@ -13,6 +13,9 @@ resume, distributed runs and logging all stay the Trainer's):
 - adapter-only checkpoints (``adapter_config.json`` + ``adapter_model.safetensors``) instead of the
   whole model, and a completion marker written last, so a checkpoint killed half-way is never resumed;
   the marker records the run's identity, which ``--resume`` checks;
+- FSDP2 (an ``accelerate launch`` FSDP config): the adapter is gathered from the shards when saved and
+  each process takes its shard when loaded, and the optimizer state is written whole; where accelerate
+  leaves FSDP off (the CPU) the trainer shards the model itself (see :meth:`LoraMoETrainer._shard`);
 - a stop with a clear message on a NaN or infinite loss, leaving the checkpoints as they are;
 - optionally, batches of records of similar length in random order (:mod:`loramoe.train.sampling`);
 - the LM head applied only where a label follows (``logits_to_keep``): instruction records
@@ -24,12 +27,14 @@ resume, distributed runs and logging all stay the Trainer's):
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
 import os
 import re
 import shutil
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -38,17 +43,17 @@ import torch.distributed.nn
 import torch.nn.functional as F
 from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_utils import rotate_checkpoints
 
 from loramoe.adapters import LoraMoEConfig
-from loramoe.attach import adapter_config
+from loramoe.attach import adapter_config, adapter_layers
 from loramoe.balance import balancing_loss, group_routing_loss, group_shares, sample_importance
 from loramoe.data import IGNORE_INDEX
-from loramoe.errors import LoramoeError
+from loramoe.errors import LoramoeError, UsageError
 from loramoe.fileio import atomic_write_text
 from loramoe.routing import capture_routing
-from loramoe.serialization import load_adapter, save_adapter
+from loramoe.serialization import load_adapter, save_adapter, write_adapter_folder
 from loramoe.train.sampling import LengthGroupedSampler
 
 COMPLETE_MARKER = "loramoe_checkpoint_complete.json"
@@ -81,6 +86,20 @@ def finished_checkpoint(checkpoint: str | os.PathLike) -> bool:
     return state["global_step"] >= state["max_steps"] > 0
 
 
+def sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards (DTensors), whoever sharded it."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def fsdp_requested() -> bool:
+    """Whether ``accelerate launch`` was given an FSDP config (it exports ``ACCELERATE_USE_FSDP``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
 def remove_incomplete_checkpoints(folder: str | os.PathLike) -> list[Path]:
     """Delete checkpoint folders without a completion marker (left by a killed run)."""
     folder = Path(folder)
@@ -90,6 +109,19 @@ def remove_incomplete_checkpoints(folder: str | os.PathLike) -> list[Path]:
     for p in removed:
         shutil.rmtree(p)
     return removed
+
+
+def _named_optimizer_state(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer state dict keyed by parameter position (``Optimizer.state_dict``, the Trainer's
+    checkpoints) keyed by parameter name instead, as ``set_optimizer_state_dict`` reads it."""
+    saved, current = state["param_groups"], optimizer.param_groups
+    if [len(g["params"]) for g in saved] != [len(g["params"]) for g in current]:
+        raise UsageError("the checkpoint's optimizer state holds other parameters than this run trains")
+    names = {param: name for name, param in model.named_parameters()}
+    name_of = {key: names[param] for old, new in zip(saved, current)
+               for key, param in zip(old["params"], new["params"])}
+    return {"state": {name_of[key]: value for key, value in state["state"].items()},
+            "param_groups": [dict(group, params=[name_of[key] for key in group["params"]]) for group in saved]}
 
 
 class TensorBoardLogs(TensorBoardCallback):
@@ -115,6 +147,65 @@ class LoraMoETrainer(Trainer):
                                and self.label_smoother is None and self.compute_loss_func is None)
         self._sums: dict[str, float] = defaultdict(float)
         self._counts: dict[str, int] = defaultdict(int)
+        if fsdp_requested() and not self.is_fsdp_enabled and self.args.world_size > 1:
+            self._shard()
+
+    def _shard(self) -> None:
+        """Shard the model with FSDP2, as accelerate's FSDP plugin does on GPUs.
+
+        Why here and not accelerate: accelerate turns FSDP on only for GPU-like distributed types;
+        on the CPU its state stays ``MULTI_CPU`` and drops the plugin, so the Trainer would wrap the
+        model in DDP and every process would hold all of it. So the trainer calls torch's
+        ``fully_shard`` itself, with the settings of the FSDP config that ``accelerate launch``
+        exported: each transformer layer (the config's ``fsdp_transformer_layer_cls_to_wrap``, else
+        the model's ``_no_split_modules``; none with ``NO_WRAP``) is one unit, the root holds the
+        rest. A unit mixes the frozen base and the trainable adapter, which FSDP2 allows: only
+        parameters with a gradient are reduce-scattered. A tensor shared by several layers (Tied
+        LoRA's) cannot be in two units, so such a model is one unit. Every parameter becomes a
+        DTensor shard, and the Trainer is told to leave the model alone (its flag for models
+        sharded before it, at load time: no DDP wrap).
+        """
+        from accelerate.utils import FullyShardedDataParallelPlugin
+        from torch.distributed.fsdp import fully_shard
+
+        plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables accelerate launch set
+        if plugin.fsdp_version != 2:
+            raise UsageError(f"FSDP on the CPU needs FSDP2: set fsdp_version: 2 in the accelerate config "
+                             f"(it has {plugin.fsdp_version})")
+        model = self.accelerator.unwrap_model(self.model)
+        if adapter_config(model) is None:
+            raise UsageError("FSDP on the CPU trains adapters only: --method full with FSDP needs GPUs "
+                             "(accelerate's FSDP plugin), or train it without FSDP")
+        names = set(plugin.transformer_cls_names_to_wrap or getattr(model, "_no_split_modules", None) or ())
+        units = {path: m for path, m in model.named_modules() if type(m).__name__ in names}
+        if plugin.auto_wrap_policy is None:  # NO_WRAP
+            units = {}
+        elif names and not units:
+            raise UsageError(f"FSDP: the model has no module of the classes to wrap {sorted(names)}")
+        places = defaultdict(set)  # each parameter's units (None: outside them all)
+        for name, param in model.named_parameters(remove_duplicate=False):
+            places[param].add(next((path for path in units if name.startswith(path + ".")), None))
+        if any(len(where) > 1 for where in places.values()):
+            units = {}
+        settings = {"reshard_after_forward": plugin.reshard_after_forward, "offload_policy": plugin.cpu_offload}
+        for unit in units.values():
+            fully_shard(unit, **settings)
+        fully_shard(model, offload_policy=plugin.cpu_offload)
+        self.is_distributed_loading_by_transformers = True
+
+    @contextlib.contextmanager
+    def _defer_fsdp_gradient_reduction(self):
+        if getattr(self.model.config, "distributed_config", None) is not None:  # sharded at load time
+            with super()._defer_fsdp_gradient_reduction():
+                yield
+            return
+        # the Trainer's version reads the sharding from the config of a model sharded at load time;
+        # this one was sharded by _shard: no gradient reduction until the accumulation's last micro-batch
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
 
     def _record(self, name: str, value: float) -> None:
         if not math.isnan(value):
@@ -220,21 +311,75 @@ class LoraMoETrainer(Trainer):
             self._counts.clear()
         super().log(logs, start_time)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the adapter (or, for full fine-tuning, the model) from the main process. With a
+        sharded model, every process must call it: the adapter is gathered from all of them."""
+        if adapter_config(self.model) is None or not sharded(self.model):
+            return super().save_model(output_dir, _internal_call)
+        # the Trainer's FSDP path would gather the whole model, base included, to save the adapter
+        model = self.accelerator.unwrap_model(self.model)
+        tensors = {layer.disk_key(path, key): value.full_tensor().detach().contiguous().cpu()
+                   for path, layer in adapter_layers(model) for key, value in layer.adapter_state().items()}
+        if self.args.should_save:
+            write_adapter_folder(model, output_dir or self.args.output_dir, adapter_config(model), tensors)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         if adapter_config(self.model) is None:
             return super()._save(output_dir, state_dict)
         if self.args.should_save:
             save_adapter(self.model, output_dir or self.args.output_dir)
 
+    def _load_adapter(self, model, folder: str) -> None:
+        from torch.distributed.tensor.experimental import implicit_replication
+
+        # on a sharded model each parameter is a DTensor shard: the file's tensor is taken as
+        # replicated, and each process copies its own shard of it (no communication)
+        with implicit_replication() if sharded(model) else contextlib.nullcontext():
+            load_adapter(model, folder)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if adapter_config(self.model) is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_adapter(model or self.model, resume_from_checkpoint)
+        self._load_adapter(model or self.model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         if adapter_config(self.model) is None:
             return super()._load_best_model()
-        load_adapter(self.model, self.state.best_model_checkpoint)
+        self._load_adapter(self.model, self.state.best_model_checkpoint)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if adapter_config(self.model) is None or not sharded(self.model):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # the Trainer's FSDP path would also save the whole model; the optimizer state (of the adapter
+        # only) is gathered whole, keyed by parameter name, so a run with or without FSDP resumes it
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        state = get_optimizer_state_dict(self.accelerator.unwrap_model(self.model), self._inner_optimizer(),
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.args.should_save:
+            torch.save(state, os.path.join(output_dir, OPTIMIZER_NAME))
+            with warnings.catch_warnings(record=True):
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        file = os.path.join(checkpoint, OPTIMIZER_NAME) if checkpoint is not None else ""
+        if adapter_config(self.model) is None or not os.path.isfile(file):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        model, optimizer = self.accelerator.unwrap_model(self.model), self._inner_optimizer()
+        if any(not isinstance(key, str) for group in state["param_groups"] for key in group["params"]):
+            if not sharded(model):
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            state = _named_optimizer_state(state, model, optimizer)  # written by a run without FSDP
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        # each process takes its shard of the whole state (or all of it, resumed without FSDP)
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        with warnings.catch_warnings(record=True):
+            self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper holds it
 
     def _save_checkpoint(self, model, trial) -> None:
         # old checkpoints go only once the new one is complete: the Trainer deletes them as soon as
