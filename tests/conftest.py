@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -78,3 +79,31 @@ def save_tiny(folder, builder=tiny_llama):
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return model
+
+
+def typed_records(n: int = 16) -> list[dict]:
+    """Two sample types over the tiny tokenizer's words: knowledge answers from w10-w29, tasks
+    from w50-w69, so the two types need different updates."""
+    out = []
+    for i in range(n):
+        if i % 2 == 0:
+            out.append({"instruction": f"w{2 + i % 7} w{3 + i % 5}", "output": f"w{10 + i % 20} w{11 + i % 19}",
+                        "type": "knowledge"})
+        else:
+            out.append({"instruction": f"w{30 + i % 7} w{31 + i % 5}", "output": f"w{50 + i % 20} w{51 + i % 19}",
+                        "type": "task"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    save_tiny(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    file = tmp_path_factory.mktemp("data") / "train.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in typed_records()))
+    return str(file)

@@ -15,14 +15,6 @@ from loramoe.data import read_records
 from loramoe.data_sources import SourceError, parse_columns, parse_hub
 from loramoe.errors import DataError
 from loramoe.train import train
-from tests.conftest import save_tiny
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    save_tiny(folder)
-    return str(folder)
 
 
 def _settings(model, **overrides):

@@ -12,8 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import child_env, save_tiny
-from tests.test_train import _records
+from tests.conftest import child_env, save_tiny, typed_records
 
 SCRIPT = textwrap.dedent("""
     import sys
@@ -42,7 +41,7 @@ def test_two_processes_agree_and_match_one_process_with_the_same_global_batch(tm
 
     save_tiny(tmp_path / "model")
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _records(32)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in typed_records(32)))
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     common = dict(data=[str(data)], model=str(tmp_path / "model"), max_steps=4, lr=5e-3, max_length=32,

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, child_env, save_tiny
-from tests.test_train import _records
+from tests.conftest import REPO, child_env, save_tiny, typed_records
 
 LAUNCHER = Path(sys.executable).parent / "accelerate"
 CONFIG = REPO / "src" / "loramoe" / "examples" / "fsdp.yaml"
@@ -91,7 +90,7 @@ def runs(tmp_path_factory):
         pytest.skip("accelerate's launcher is not installed")
     root = tmp_path_factory.mktemp("fsdp")
     save_tiny(root / "model")
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records(32)))
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in typed_records(32)))
     (root / "run.py").write_text(SCRIPT)
     sharded = _launch(root, "fsdp", 2, batch_size=4)
     _launch(root, "single", 1, batch_size=8)  # the same global batch in one process

@@ -6,8 +6,6 @@ The tiny Llama here has widths of 64 and 128, multiples of bitsandbytes' 4-bit b
 
 from __future__ import annotations
 
-import json
-
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -24,7 +22,6 @@ from loramoe.forgetting import parameter_drift
 from loramoe.serialization import load_adapter
 from loramoe.train import train
 from tests.conftest import tiny_tokenizer
-from tests.test_train import _records
 
 CONFIGS = {"loramoe": LoraMoEConfig(dropout=0.0), "lora": LoraConfig(), "tied-lora": TiedLoraConfig()}
 
@@ -38,13 +35,6 @@ def model_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return str(folder)
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    file = tmp_path_factory.mktemp("data") / "train.jsonl"
-    file.write_text("".join(json.dumps(r) + "\n" for r in _records()))
-    return str(file)
 
 
 def _randomize_adapters(*models_: nn.Module, seed: int = 5) -> None:

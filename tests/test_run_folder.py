@@ -15,22 +15,8 @@ from loramoe.cli import main as cli_main
 from loramoe.errors import OutputFolderError, UsageError
 from loramoe.train import train
 from loramoe.train.trainer import COMPLETE_MARKER
-from tests.conftest import save_tiny
-from tests.test_train import _common, _records, _weights
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    save_tiny(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    file = tmp_path_factory.mktemp("data") / "train.jsonl"
-    file.write_text("".join(json.dumps(r) + "\n" for r in _records()))
-    return str(file)
+from tests.conftest import typed_records
+from tests.test_train import _common, _weights
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +50,7 @@ def test_a_second_run_into_a_run_folder_is_refused_and_changes_nothing(tiny_mode
 def test_resume_with_other_data_is_refused_naming_it(tiny_model_dir, data_file, finished, tmp_path):
     folder = _copy(finished, tmp_path)
     other = tmp_path / "other.jsonl"
-    other.write_text("".join(json.dumps(r) + "\n" for r in _records(12)))
+    other.write_text("".join(json.dumps(r) + "\n" for r in typed_records(12)))
     with pytest.raises(OutputFolderError, match=r"checkpoint-2 was trained with other data"):
         train(**_common(tiny_model_dir, str(other), max_steps=2, save_steps=1), output=folder, resume=True)
     assert _snapshot(folder) == finished[1]

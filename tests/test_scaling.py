@@ -15,14 +15,13 @@ from loramoe.cli import _normalise_flags
 from loramoe.cli import main as cli_main
 from loramoe.data import DataCollator, read_records, tokenize_records
 from loramoe.scaling.main import ForgettingProbe, fine_tuning_data, general_texts, heldout_loss
-from tests.conftest import save_tiny, tiny_llama, tiny_tokenizer
-from tests.test_train import _records
+from tests.conftest import save_tiny, tiny_llama, tiny_tokenizer, typed_records
 
 TEXT = "\n\n".join(" ".join(f"w{(7 * i + j) % 90 + 2}" for j in range(16)) for i in range(6))
 
 
 def _held(tokenizer, n: int = 6):
-    records, _ = read_records([_records(n)])
+    records, _ = read_records([typed_records(n)])
     return tokenize_records(records, tokenizer, max_length=32)
 
 
@@ -76,14 +75,14 @@ def test_default_data_is_the_task_train_splits_that_fit_and_a_disjoint_heldout_p
     records, _ = read_records([train_file])
     assert max(map(len, tokenize_records(records, tokenizer, max_length=10**6)["input_ids"])) <= 24
     with pytest.raises(ValueError, match="need more than --heldout 5"):
-        fine_tuning_data([[_records(1)[0]] * 5], tmp_path / "small", tokenizer, max_length=24, heldout=5, seed=0)
+        fine_tuning_data([[typed_records(1)[0]] * 5], tmp_path / "small", tokenizer, max_length=24, heldout=5, seed=0)
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     save_tiny(root / "model")
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records(40)))
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in typed_records(40)))
     (root / "text.txt").write_text(TEXT)
     args = ["scaling", "--model", str(root / "model"), "--data", str(root / "data.jsonl"), "--text",
             str(root / "text.txt"), "--method", "lora,loramoe", "--ranks", "1", "2", "4", "--steps", "6",

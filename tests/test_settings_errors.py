@@ -13,22 +13,8 @@ from loramoe import cli
 from loramoe.cli import main as cli_main
 from loramoe.errors import MissingFileError, OutputFolderError, UsageError
 from loramoe.train import train
-from tests.conftest import child_env, save_tiny
-from tests.test_train import _common, _records
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    save_tiny(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    file = tmp_path_factory.mktemp("data") / "train.jsonl"
-    file.write_text("".join(json.dumps(r) + "\n" for r in _records()))
-    return str(file)
+from tests.conftest import child_env, typed_records
+from tests.test_train import _common
 
 
 @pytest.mark.parametrize(("setting", "message"), [
@@ -51,7 +37,7 @@ def test_settings_that_train_nothing_or_are_ignored_are_refused_before_any_work(
 
 
 def test_types_no_group_claims_are_counted_in_one_warning(tiny_model_dir, tmp_path):
-    rows = _records(8) + [{"instruction": "w3", "output": "w4", "type": "chat"}] * 3 + [
+    rows = typed_records(8) + [{"instruction": "w3", "output": "w4", "type": "chat"}] * 3 + [
         {"instruction": "w5", "output": "w6", "type": "qa"}]
     file = tmp_path / "typed.jsonl"
     file.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -18,35 +18,7 @@ from loramoe.cli import main as cli_main
 from loramoe.data import DataError
 from loramoe.train import train
 from loramoe.train.trainer import COMPLETE_MARKER, TrainingDiverged
-from tests.conftest import child_env, save_tiny
-
-
-def _records(n: int = 16) -> list[dict]:
-    """Two sample types over the tiny tokenizer's words: knowledge answers from w10-w29, tasks
-    from w50-w69, so the two types need different updates."""
-    out = []
-    for i in range(n):
-        if i % 2 == 0:
-            out.append({"instruction": f"w{2 + i % 7} w{3 + i % 5}", "output": f"w{10 + i % 20} w{11 + i % 19}",
-                        "type": "knowledge"})
-        else:
-            out.append({"instruction": f"w{30 + i % 7} w{31 + i % 5}", "output": f"w{50 + i % 20} w{51 + i % 19}",
-                        "type": "task"})
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    save_tiny(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    file = tmp_path_factory.mktemp("data") / "train.jsonl"
-    file.write_text("".join(json.dumps(r) + "\n" for r in _records()))
-    return str(file)
+from tests.conftest import child_env, typed_records
 
 
 def _common(tiny_model_dir, data_file, **overrides):
@@ -199,7 +171,7 @@ def test_resume_after_a_kill_during_a_checkpoint_matches_an_uninterrupted_run(ti
 def test_records_whose_prompt_fills_max_length_are_dropped_not_called_divergence(tiny_model_dir, tmp_path):
     long = [{"instruction": " ".join(f"w{2 + j % 40}" for j in range(40)), "output": "w5", "type": "task"}] * 4
     file = tmp_path / "mixed.jsonl"
-    file.write_text("".join(json.dumps(r) + "\n" for r in _records(4) + long))
+    file.write_text("".join(json.dumps(r) + "\n" for r in typed_records(4) + long))
     with pytest.warns(UserWarning, match="4 of them kept nothing of the response and were dropped"):
         summary = train(data=[str(file)], model=tiny_model_dir, output=tmp_path / "run", max_steps=2, batch_size=4,
                         max_length=16, group_by_length=True, logging_steps=1, save_steps=100)
@@ -241,7 +213,7 @@ def test_the_constraint_leans_against_the_own_group_and_the_routing_objective_to
     from loramoe.data import DataCollator, read_records, tokenize_records
 
     file = tmp_path / "typed.jsonl"
-    file.write_text("".join(json.dumps(r) + "\n" for r in _records(32)))
+    file.write_text("".join(json.dumps(r) + "\n" for r in typed_records(32)))
     own_share = {}
     for name, weights in {"constraint": {"balance_weight": 1.0}, "route": {"route_weight": 1.0}}.items():
         out = tmp_path / name

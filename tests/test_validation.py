@@ -14,15 +14,7 @@ from loramoe.data import Record
 from loramoe.errors import UsageError
 from loramoe.train import train
 from loramoe.train.validation import split_validation
-from tests.conftest import save_tiny
-from tests.test_train import _records
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    save_tiny(folder)
-    return str(folder)
+from tests.conftest import typed_records
 
 
 def _write(path, rows):
@@ -63,7 +55,7 @@ def test_a_validation_split_is_the_same_in_any_order_and_the_loss_is_logged(tiny
     shuffled = records[:]
     random.Random(0).shuffle(shuffled)
     assert {r.source for r in split_validation(shuffled, 0.1)[1]} == {r.source for r in held}
-    data = _write(tmp_path / "train.jsonl", _records(16))
+    data = _write(tmp_path / "train.jsonl", typed_records(16))
     summary = train(data=[data], val_split=0.25, model=tiny_model_dir, max_steps=4, batch_size=4, max_length=32,
                     save_steps=2, logging_steps=1, output=tmp_path / "run")
     assert summary["records"] == 12 and summary["validation"]["records"] == 4
@@ -86,7 +78,7 @@ def test_validation_settings_that_contradict_each_other_are_refused(tmp_path, se
 def test_each_validation_of_loramoe_sees_the_weights_of_its_step(tiny_model_dir, tmp_path):
     # the fused AdamW the Trainer uses writes parameters without bumping their version counters,
     # which keyed LoRAMoE's inference plan: every validation after the first saw the first's weights
-    data = _write(tmp_path / "train.jsonl", _records(16))
+    data = _write(tmp_path / "train.jsonl", typed_records(16))
     summary = train(data=[data], val_split=0.25, model=tiny_model_dir, max_steps=3, batch_size=4, max_length=32,
                     lr=5e-2, save_steps=1, logging_steps=1, dropout=0.0, output=tmp_path / "run")
     losses = [loss for _, loss in summary["validation"]["losses"]]
