@@ -25,7 +25,7 @@ model runs in eval mode (its mode is restored afterwards); the tokenizer is neve
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -77,11 +77,15 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     return sorted(ids)
 
 
+def answer_end(new_ids: Sequence[int], stop_ids: Collection[int]) -> int:
+    """How many generated ids are the answer: those before the first stop token."""
+    return next((i for i, token in enumerate(new_ids) if token in stop_ids), len(new_ids))
+
+
 def _answer(new_ids: list[int], stop_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase,
             stop_on_newline: bool) -> str:
     """The answer in the generated ids: up to the first EOS (and first line), stripped."""
-    end = next((i for i, token in enumerate(new_ids) if token in stop_ids), len(new_ids))
-    text = tokenizer.decode(new_ids[:end], skip_special_tokens=True).strip()
+    text = tokenizer.decode(new_ids[:answer_end(new_ids, stop_ids)], skip_special_tokens=True).strip()
     return text.split("\n", 1)[0].strip() if stop_on_newline else text
 
 

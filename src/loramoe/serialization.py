@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from loramoe.adapters import LAYER_CLASSES, AdapterConfig, LoraConfig
 from loramoe.adapters.base import SUPPORTED_BASE_LAYERS, AdapterLayer, ConfigFieldError, layer_shape
@@ -53,15 +54,21 @@ def _base_model_info(model: nn.Module) -> dict[str, Any]:
     return info
 
 
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The attached adapter's tensors by disk key, whole and on the CPU. A parameter sharded by
+    FSDP (a DTensor) is gathered, so every process of a sharded model must call this."""
+    return {layer.disk_key(path, key): (value.full_tensor() if isinstance(value, DTensor) else value)
+            .detach().contiguous().cpu()
+            for path, layer in adapter_layers(model) for key, value in layer.adapter_state().items()}
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the attached adapter to ``directory`` (created if needed). Each file is replaced
     atomically, so an interrupted save never leaves a half-written file behind."""
     config = adapter_config(model)
     if config is None:
         raise ValueError("model has no loramoe adapter to save")
-    tensors = {layer.disk_key(path, key): value.detach().contiguous().cpu()
-               for path, layer in adapter_layers(model) for key, value in layer.adapter_state().items()}
-    return write_adapter_folder(model, directory, config, tensors)
+    return write_adapter_folder(model, directory, config, adapter_tensors(model))
 
 
 def write_adapter_folder(model: nn.Module, directory: str | os.PathLike, config: AdapterConfig,

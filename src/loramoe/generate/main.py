@@ -25,7 +25,7 @@ from loramoe.data import encode_prompt
 from loramoe.errors import DataError, MissingFileError, UsageError
 from loramoe.fileio import atomic_write_text, ensure_writable_folder
 from loramoe.generate.routing_strip import render, token_shares
-from loramoe.generation import stop_token_ids
+from loramoe.generation import answer_end, stop_token_ids
 from loramoe.inference import eval_mode
 from loramoe.routing import capture_routing
 from loramoe.serialization import CONFIG_NAME, load_adapter
@@ -90,8 +90,7 @@ def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, messages:
             output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
                                     streamer=streamer)
     new = output[0, ids.shape[1]:].tolist()
-    stops = set(config.eos_token_id or [])
-    end = next((i for i, token in enumerate(new) if token in stops), len(new))
+    end = answer_end(new, set(config.eos_token_id or []))
     result: dict[str, Any] = {"messages": messages, "response": tokenizer.decode(new[:end], skip_special_tokens=True)}
     if routed:
         result["tokens"] = [tokenizer.decode([token]) for token in new[:end]]

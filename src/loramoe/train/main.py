@@ -276,8 +276,7 @@ def train(
         "trainable_parameters": params.trainable, "total_parameters": params.total,
         "adapter": adapter_summary(config), "data_sha256": identity["data_sha256"],
         "resumed_from": str(last_checkpoint) if last_checkpoint else None,
-        "validation": (outcome(trainer.state, len(val_records), trainer.state.max_steps)
-                       if val_dataset is not None else None),
+        "validation": outcome(trainer.state, len(val_records)) if val_dataset is not None else None,
     }
     if trainer.args.should_save:
         atomic_write_text(output / "train_summary.json", json.dumps(summary, indent=2) + "\n")

@@ -47,13 +47,13 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_N
 from transformers.trainer_utils import rotate_checkpoints
 
 from loramoe.adapters import LoraMoEConfig
-from loramoe.attach import adapter_config, adapter_layers
+from loramoe.attach import adapter_config
 from loramoe.balance import balancing_loss, group_routing_loss, group_shares, sample_importance
 from loramoe.data import IGNORE_INDEX
 from loramoe.errors import LoramoeError, UsageError
 from loramoe.fileio import atomic_write_text
 from loramoe.routing import capture_routing
-from loramoe.serialization import load_adapter, save_adapter, write_adapter_folder
+from loramoe.serialization import adapter_tensors, load_adapter, save_adapter, write_adapter_folder
 from loramoe.train.sampling import LengthGroupedSampler
 
 COMPLETE_MARKER = "loramoe_checkpoint_complete.json"
@@ -318,8 +318,7 @@ class LoraMoETrainer(Trainer):
             return super().save_model(output_dir, _internal_call)
         # the Trainer's FSDP path would gather the whole model, base included, to save the adapter
         model = self.accelerator.unwrap_model(self.model)
-        tensors = {layer.disk_key(path, key): value.full_tensor().detach().contiguous().cpu()
-                   for path, layer in adapter_layers(model) for key, value in layer.adapter_state().items()}
+        tensors = adapter_tensors(model)
         if self.args.should_save:
             write_adapter_folder(model, output_dir or self.args.output_dir, adapter_config(model), tensors)
 

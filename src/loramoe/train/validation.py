@@ -71,11 +71,11 @@ def callbacks(s: Mapping[str, Any]) -> list[TrainerCallback]:
     return [EarlyStoppingCallback(early_stopping_patience=s["early_stopping"])]
 
 
-def outcome(state: TrainerState, records: int, max_steps: int) -> dict[str, Any]:
+def outcome(state: TrainerState, records: int) -> dict[str, Any]:
     """What validation decided, for ``train_summary.json``."""
     losses = [[entry["step"], entry["eval_loss"]] for entry in state.log_history if "eval_loss" in entry]
     best = state.best_model_checkpoint
     best_step = int(best.rsplit("-", 1)[1]) if best else None
     return {"records": records, "losses": losses, "best_step": best_step, "best_loss": state.best_metric,
             "final_adapter": f"the best checkpoint, step {best_step}" if best else "the last step",
-            "stopped_early": max_steps > 0 and state.global_step < max_steps}
+            "stopped_early": state.max_steps > 0 and state.global_step < state.max_steps}
