@@ -56,10 +56,10 @@ def test_eval_cli_and_errors(tiny_run, tmp_path):
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert list(saved["benchmarks"]) == ["text/wikipedia"] and "drift" not in saved
     cli_main(["eval", "--model", str(tiny_run / "model"), "--adapter", str(tiny_run / "adapter"), "--suite", LM_LOSS,
-              "--limit", "2", "--output", str(tmp_path), "--vs-base"])  # a bare switch
+              "--limit", "2", "--output", str(tmp_path), "--vs-base", "--overwrite"])  # bare switches
     assert "forgetting" in json.loads((tmp_path / "eval.json").read_text())["benchmarks"]["text/wikipedia"]
     with pytest.raises(ValueError, match="--base-model"):
-        evaluate(model=str(tiny_run / "model"), suite=LM_LOSS, vs_base=True, output=tmp_path, limit=2)
+        evaluate(model=str(tiny_run / "model"), suite=LM_LOSS, vs_base=True, output=tmp_path / "no-base", limit=2)
 
 
 def test_eval_against_a_saved_base_eval_on_items_the_training_data_does_not_give_away(tiny_run, tmp_path):

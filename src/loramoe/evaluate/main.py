@@ -20,7 +20,7 @@ from loramoe import models
 from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import adapter_config, disabled_adapters
 from loramoe.data import read_records
-from loramoe.errors import UsageError
+from loramoe.errors import OutputFolderError, UsageError
 from loramoe.evaluate.router_analysis import gate_shares, group_share, save_gate_shares
 from loramoe.fileio import atomic_write_text, ensure_writable_folder
 from loramoe.forgetting import distribution_shift, knowledge_change, parameter_drift, summarize_drift
@@ -129,6 +129,28 @@ def _check_base_entry(entry: Any, bench: Benchmark, where: str) -> None:
                          f"use the same suite, limit, seed and training data")
 
 
+EVAL_FILES = ("eval.json", "eval.md")
+ROUTER_FILES = ("router.json", "router.png")
+
+
+def _check_limit(limit: Limit) -> None:
+    """Refuse a limit that leaves a benchmark nothing to score, before anything is loaded."""
+    for name, value in limit.items() if isinstance(limit, dict) else [(None, limit)]:
+        if value is not None and value < 1:
+            given = f"{name}: {value}" if name is not None else value
+            raise UsageError(f"--limit {given}: a benchmark needs at least 1 test item to score; give 1 or more, "
+                             "or null for all")
+
+
+def _check_output(output: Path, overwrite: bool) -> Path:
+    """``output``, writable, and holding no earlier evaluation unless ``overwrite``."""
+    earlier = [name for name in (*EVAL_FILES, *ROUTER_FILES) if (output / name).exists()] if output.is_dir() else []
+    if earlier and not overwrite:
+        raise OutputFolderError(f"--output {output}: the folder holds an earlier evaluation ({', '.join(earlier)}); "
+                                "give a new folder, or --overwrite to replace it")
+    return ensure_writable_folder(output, "--output")
+
+
 def evaluate(
     model: str = "smollm2-135m",
     adapter: Path | None = None,
@@ -145,6 +167,7 @@ def evaluate(
     max_length: int = 256,
     seed: int = 0,
     trust_remote_code: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a model on built-in benchmark suites and write eval.json and eval.md to ``output``.
 
@@ -158,18 +181,21 @@ def evaluate(
         base_eval: an ``eval.json`` of the base model on the same items: the comparison (implies
             ``--vs-base``) reads the base model's answers from it instead of generating them again.
         train_data: training files; test items they give away are dropped first (``filter_overlap``).
-        output: folder for eval.json, eval.md and the router heatmap.
-        limit: test items per benchmark at most (None: all), or a mapping from suite or benchmark
-            name to its limit, e.g. ``{knowledge: 40, tasks: 16}`` (others: all).
+        output: folder for eval.json, eval.md and the router heatmap; one that holds them from an
+            earlier evaluation is refused unless ``overwrite``.
+        limit: test items per benchmark at most, 1 or more (None: all), or a mapping from suite or
+            benchmark name to its limit, e.g. ``{knowledge: 40, tasks: 16}`` (others: all).
         prompt_style: ``completion`` or ``chat`` for every benchmark (default: each benchmark's own).
         batch_size: prompts per generation batch.
         max_new_tokens: longest generated answer.
         max_length: longest text for the language-model loss, in tokens.
         seed: seed of the train/test split.
         trust_remote_code: allow a hub model's own code to run.
+        overwrite: replace the earlier evaluation in ``output``.
     """
     started = time.time()
-    output = ensure_writable_folder(output, "--output")  # before the generation it would store
+    _check_limit(limit)
+    output = _check_output(Path(output), overwrite)  # before the generation it would store
     benchmarks = load_benchmarks(suite, limit, seed)
     overlap = _without_overlap(benchmarks, train_data) if train_data else {}
     saved_base = _read_base_eval(base_eval, benchmarks) if base_eval is not None else None
@@ -226,6 +252,9 @@ def evaluate(
         router = gate_shares(tuned, tokenizer, prompts, batch_size=batch_size, max_length=max_length)
         save_gate_shares(router, output)
         results["router"] = {name: group_share(router, name) for name in prompts}
+    else:  # an earlier evaluation's heatmap (only there with --overwrite) would pass for this one's
+        for name in ROUTER_FILES:
+            (output / name).unlink(missing_ok=True)
     results["seconds"] = round(time.time() - started, 1)
     atomic_write_text(output / "eval.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(output / "eval.md", render_markdown(results))

@@ -22,7 +22,7 @@ from loramoe import models
 from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import adapter_config
 from loramoe.data import encode_prompt
-from loramoe.errors import DataError, MissingFileError, UsageError
+from loramoe.errors import DataError, MissingFileError, OutputFolderError, UsageError
 from loramoe.fileio import atomic_write_text, ensure_writable_folder
 from loramoe.generate.routing_strip import render, token_shares
 from loramoe.generation import answer_end, stop_token_ids
@@ -98,6 +98,17 @@ def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, messages:
     return result
 
 
+def _check_output(output: Path, overwrite: bool) -> None:
+    """Refuse, before the model loads, an ``output`` the answers could not be saved to at the end
+    of the run, or one that would replace a file without ``overwrite``."""
+    if output.is_dir():
+        raise OutputFolderError(f"--output {output}: is a folder; --output names the JSON Lines file to write, e.g. "
+                                f"{output / 'answers.jsonl'}")
+    if output.exists() and not overwrite:
+        raise OutputFolderError(f"--output {output}: the file exists; give a new file, or --overwrite to replace it")
+    ensure_writable_folder(output.parent, "--output")
+
+
 def generate(
     model: str = "smollm2-135m",
     adapter: Path | None = None,
@@ -112,6 +123,7 @@ def generate(
     show_routing: bool = False,
     seed: int = 0,
     trust_remote_code: bool = False,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Generate answers with a model and an optional adapter.
 
@@ -124,7 +136,8 @@ def generate(
             one JSON line per prompt goes to ``output``, or to standard output.
         chat: an interactive chat that keeps the conversation (an empty line or end of input ends it).
         system: a system message put before every conversation.
-        output: the JSON Lines file for ``prompts`` (written atomically at the end).
+        output: the JSON Lines file for ``prompts`` (written atomically at the end); a file that
+            exists already is refused unless ``overwrite``.
         max_new_tokens: the longest answer, in tokens.
         temperature: 0 decodes greedily; above 0 samples at this temperature.
         top_p: nucleus sampling's probability mass (with ``temperature`` > 0).
@@ -132,6 +145,7 @@ def generate(
             expert group (a coloured strip in a terminal, numbers elsewhere).
         seed: seed for sampling.
         trust_remote_code: allow a hub model's own code to run.
+        overwrite: replace the file ``output`` names if it exists.
     """
     if sum([prompt is not None, prompts is not None, chat]) != 1:
         raise UsageError("give one of: a prompt, --prompts FILE or --chat")
@@ -140,9 +154,11 @@ def generate(
                          f"{max_new_tokens}, {temperature} and {top_p}")
     if output is not None and prompts is None:
         raise UsageError("--output is the JSON Lines file of --prompts")
+    if overwrite and output is None:
+        raise UsageError("--overwrite replaces the file of --output; give --output too")
     conversations = read_prompts(Path(prompts)) if prompts is not None else None
     if output is not None:
-        ensure_writable_folder(Path(output).parent, "--output")
+        _check_output(Path(output), overwrite)
     torch.manual_seed(seed)
     loaded, tokenizer = load_for_generation(model, adapter, trust_remote_code)
     if show_routing and not isinstance(adapter_config(loaded), LoraMoEConfig):
