@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from loramoe.serialization import (
     CONFIG_NAME,
     AdapterLoadError,
     _read_document,
+    check_finite,
     read_adapter_config,
     write_adapter_files,
 )
@@ -73,8 +75,9 @@ def convert_paper_adapter(src: str | os.PathLike, dst: str | os.PathLike, *,
 
     Raises:
         AdapterLoadError: a missing or unreadable file, a config that is not the paper's LoRAMoE (a
-            plain PEFT LoRA is loaded by ``load_adapter`` as it is), a missing, extra or unknown key,
-            or shapes that disagree; the message names the file and the key or field.
+            plain PEFT LoRA is loaded by ``load_adapter`` as it is), a missing, extra, unknown or
+            non-string key, shapes or dtypes that disagree, or NaN or Inf values (which ``load_adapter``
+            would refuse); the message names the file and the key or field. Nothing is written then.
         OutputFolderError: ``dst`` is a file, not writable or not empty.
         UsageError: ``groups`` does not hold ``lora_nums`` experts.
     """
@@ -154,6 +157,9 @@ def _experts(state: dict[str, Any], config: LoraMoEConfig, file: Path) -> tuple[
     """Our tensors by disk key, and the target paths, from the paper's state dict."""
     found: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
     for key, value in state.items():
+        if not isinstance(key, str):
+            raise AdapterLoadError(f"{file}: key {key!r} ({type(key).__name__}) is not a string: the paper's "
+                                   "files map parameter names to tensors")
         match = _KEY.fullmatch(key[len(PEFT_PREFIX):]) if key.startswith(PEFT_PREFIX) else None
         if match is None:
             raise AdapterLoadError(f"{file}: unknown key '{key}': the paper's LoRAMoE keys are "
@@ -162,6 +168,12 @@ def _experts(state: dict[str, Any], config: LoraMoEConfig, file: Path) -> tuple[
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
             raise AdapterLoadError(f"{file}: key '{key}' holds {kind} values, not floating point")
+        if value.layout != torch.strided:
+            raise AdapterLoadError(f"{file}: key '{key}' holds a {value.layout} tensor, not a dense one")
+        if value.dim() != 2:
+            raise AdapterLoadError(f"{file}: key '{key}' has shape {list(value.shape)}, not a weight matrix's two "
+                                   "dimensions")
+        check_finite(value, file, key)  # refused here as load_adapter would, before dst is written
         part = (match["kind"], int(match["index"])) if match["kind"] else ("route", 0)
         found.setdefault(match["path"], {})[part] = value
     if not found:
@@ -176,7 +188,8 @@ def _experts(state: dict[str, Any], config: LoraMoEConfig, file: Path) -> tuple[
         if extra is not None:
             raise AdapterLoadError(f"{file}: key '{_paper_key(path, extra)}': expert {extra[1]}, but lora_nums "
                                    f"is {experts} (experts 0 to {experts - 1})")
-        expected_parts = [("route", 0)] + [(kind, i) for i in range(experts) for kind in "AB"]
+        # lazily: a malformed lora_nums of 10**9 would otherwise build a list of 2 * 10**9 parts
+        expected_parts = chain([("route", 0)], ((kind, i) for i in range(experts) for kind in "AB"))
         missing = next((part for part in expected_parts if part not in parts), None)
         if missing is not None:
             what = "the router" if missing[0] == "route" else f"expert {missing[1]} of lora_nums = {experts}"
@@ -189,6 +202,11 @@ def _experts(state: dict[str, Any], config: LoraMoEConfig, file: Path) -> tuple[
                 raise AdapterLoadError(f"{file}: key '{_paper_key(path, part)}' has shape {list(parts[part].shape)}, "
                                        f"expected {list(shape)} (r = {r}, lora_nums = {experts}, d_in = {d_in} "
                                        f"from lora_route, d_out = {d_out} from lora_B0)")
+            first = (part[0], 0)
+            if part[0] != "route" and parts[part].dtype != parts[first].dtype:  # stacked into one tensor
+                raise AdapterLoadError(f"{file}: keys '{_paper_key(path, first)}' and '{_paper_key(path, part)}' hold "
+                                       f"{parts[first].dtype} and {parts[part].dtype} values: one module's experts "
+                                       "must share a dtype")
         tensors[LoraMoELinear.disk_key(path, "router.weight")] = parts[("route", 0)].to(torch.float32, copy=True)
         tensors[LoraMoELinear.disk_key(path, "lora_A")] = torch.stack([parts[("A", i)] for i in range(experts)])
         tensors[LoraMoELinear.disk_key(path, "lora_B")] = torch.stack([parts[("B", i)] for i in range(experts)])

@@ -122,11 +122,16 @@ def _read_document(file: Path) -> dict[str, Any]:
     if not file.is_file():
         raise AdapterLoadError(f"{file}: not found (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
-        return _object(json.loads(file.read_text(encoding="utf-8")), str(file))
+        document = json.loads(file.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise AdapterLoadError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except json.JSONDecodeError as e:
         raise AdapterLoadError(f"{file}, line {e.lineno}: invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise AdapterLoadError(f"{file}: invalid JSON: nested too deeply (a config is a few levels deep)") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise AdapterLoadError(f"{file}: invalid JSON: {str(e).split(':')[0]}") from None
+    return _object(document, str(file))
 
 
 def _parse_config(document: dict[str, Any], file: Path) -> tuple[AdapterConfig, list[str]]:
@@ -286,11 +291,16 @@ def _read_checked(file: Path, expected: dict[str, tuple[int, ...]]) -> dict[str,
             tensors = {key: f.get_tensor(key) for key in expected}
     except (SafetensorError, OSError) as e:
         raise AdapterLoadError(f"{file}: not a readable safetensors file: {e}") from None
-    for key, tensor in tensors.items():  # a diverged run saves NaN, which would spread through every output
+    for key, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise AdapterLoadError(f"{file}: key '{key}' holds {tensor.dtype} values, not floating point")
-        finite = torch.isfinite(tensor.float() if tensor.dtype.itemsize == 1 else tensor)  # no float8 kernel
-        if not finite.all():
-            raise AdapterLoadError(f"{file}: key '{key}' holds {tensor.numel() - int(finite.sum())} NaN or Inf "
-                                   f"values (of {tensor.numel()})")
+        check_finite(tensor, file, key)
     return tensors
+
+
+def check_finite(tensor: torch.Tensor, file: Path, key: str) -> None:
+    """Refuse NaN or Inf in a floating tensor: a diverged run saves them; they would reach every output."""
+    finite = torch.isfinite(tensor.float() if tensor.dtype.itemsize == 1 else tensor)  # no float8 kernel
+    if not finite.all():
+        raise AdapterLoadError(f"{file}: key '{key}' holds {tensor.numel() - int(finite.sum())} NaN or Inf "
+                               f"values (of {tensor.numel()})")

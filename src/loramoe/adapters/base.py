@@ -26,6 +26,9 @@ from loramoe.errors import LoramoeError, UsageError
 from loramoe.quantized import compute_dtype, is_quantized
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
+ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "float64")
+"""The dtypes an adapter's parameters may have (or an alias, ``"half"``): they are trained, so
+floating, and each layer initialises them with kernels that integer and float8 dtypes lack."""
 
 
 class MergeError(LoramoeError, ValueError):
@@ -86,8 +89,8 @@ class AdapterConfig:
                 raise ConfigFieldError(f.name, problem)
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.dtype is not None and not isinstance(getattr(torch, self.dtype, None), torch.dtype):
-            raise UsageError(f"dtype must name a torch dtype such as 'float32', got {self.dtype!r}")
+        if self.dtype is not None and getattr(torch, self.dtype, None) not in map(torch.__dict__.get, ADAPTER_DTYPES):
+            raise ConfigFieldError("dtype", f"must be one of {', '.join(ADAPTER_DTYPES)}, got {self.dtype!r}")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise UsageError("target_modules must not be an empty list")
 
