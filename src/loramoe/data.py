@@ -7,7 +7,9 @@ the plain template see the same text). Messages are an optional system message, 
 assistant turns alternating, which every template can render. ``type`` is a free string naming
 the expert group of a sample; records in the paper's own format, ``task_type`` 1 or 0 instead of
 ``type``, are typed ``knowledge`` and ``task``. A ``null`` or an empty CSV cell counts as absent (Parquet and CSV
-cannot tell them apart); other fields are ignored.
+cannot tell them apart). Other fields are not read: one warning names them and counts their records
+(a misspelt ``input`` or ``type`` would train unnoticed), or ``strict_fields`` makes them an error;
+``subject`` and ``relation``, which loramoe's own fact records carry for ``filter_overlap``, pass.
 
 Where records come from (files, ``datasets`` folders, the hub, column mappings) is
 :mod:`loramoe.data_sources`.
@@ -34,7 +36,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from loramoe.data_sources import map_columns, open_source, parse_columns
+from loramoe.data_sources import RECORD_FIELDS, map_columns, open_source, parse_columns
 from loramoe.errors import DataError, UsageError
 
 PLAIN_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -45,6 +47,7 @@ IGNORE_INDEX = -100
 
 _PLAIN_SYSTEM = "### System:\n{content}\n\n"
 _INSTRUCTION_FIELDS = {"instruction", "input", "output"}
+_KNOWN_FIELDS = {*RECORD_FIELDS, "subject", "relation"}
 _FEATURES = datasets.Features({
     "input_ids": datasets.List(datasets.Value("int32")),
     "attention_mask": datasets.List(datasets.Value("int8")),
@@ -69,30 +72,38 @@ def record_content(record: Record) -> bytes:
 
 
 def read_records(sources: Sequence[str | os.PathLike | list[dict]], *, skip_bad: bool = False,
-                 columns: Sequence[str] | Mapping[str, str] | None = None) -> tuple[list[Record], int]:
+                 columns: Sequence[str] | Mapping[str, str] | None = None,
+                 strict_fields: bool = False) -> tuple[list[Record], int]:
     """Reads every source in order; returns the records and the number of bad records skipped (0
     unless ``skip_bad``). With ``skip_bad=False`` the first bad record raises DataError. With
     ``skip_bad=True`` bad records are skipped, counted, and a warning reports the count per file.
     An empty file (or one where every record is bad) is always an error. A source is a file, a
     ``datasets`` folder (``folder`` or ``folder:split``), a hub dataset (``hub:NAME[:CONFIG]:SPLIT``)
     or a list of dicts; ``columns`` maps each row's columns to record fields
-    (:mod:`loramoe.data_sources`)."""
+    (:mod:`loramoe.data_sources`). Fields no record shape has get one warning for all sources,
+    or with ``strict_fields`` make their record bad (see the module docstring)."""
     if isinstance(sources, (str, os.PathLike)):
         raise TypeError("read_records takes a list of sources; put the single path in a list")
     mapping = parse_columns(columns)
     records: list[Record] = []
     skipped = 0
+    unread: Counter[str] = Counter()
+    carriers, first_carrier = 0, None
     for source in sources:
         name, entries = open_source(source)
         entries = map_columns(entries, mapping)
         before, bad, first_error = len(records), 0, None
         for where, raw in entries:
             try:
-                records.append(_to_record(raw, where))
+                records.append(_to_record(raw, where, strict_fields))
             except DataError as error:
                 if not skip_bad:
                     raise
                 bad, first_error = bad + 1, first_error or error
+                continue
+            if extra := _unread_fields(raw):
+                unread.update(extra)
+                carriers, first_carrier = carriers + 1, first_carrier or where
         good = len(records) - before
         if not good:
             why = f"all {bad} are bad; the first: {first_error}" if bad else "it is empty"
@@ -101,7 +112,16 @@ def read_records(sources: Sequence[str | os.PathLike | list[dict]], *, skip_bad:
             warnings.warn(f"{name}: skipped {bad} bad record(s) of {bad + good}; the first: {first_error}",
                           stacklevel=2)
         skipped += bad
+    if unread:
+        counts = ", ".join(f"'{field}' ({n})" for field, n in unread.most_common())
+        warnings.warn(f"{carriers} of {len(records)} records have fields loramoe does not read: {counts}; the "
+                      f"first at {first_carrier}. They are ignored; a record's fields are {', '.join(RECORD_FIELDS)} "
+                      "(--columns maps other names). --strict-fields makes this an error.", stacklevel=2)
     return records, skipped
+
+
+def _unread_fields(raw: Mapping[str, Any]) -> list[str]:
+    return [str(key) for key, value in raw.items() if value is not None and key not in _KNOWN_FIELDS]
 
 
 def _string(fields: Mapping[str, Any], key: str, source: str, label: str | None = None, *,
@@ -116,11 +136,14 @@ def _string(fields: Mapping[str, Any], key: str, source: str, label: str | None 
     return value
 
 
-def _to_record(raw: object, source: str) -> Record:
+def _to_record(raw: object, source: str, strict_fields: bool = False) -> Record:
     if isinstance(raw, DataError):  # the reader could not parse it
         raise raw
     if not isinstance(raw, Mapping):
         raise DataError(f"{source}: a record must be an object, found {type(raw).__name__}")
+    if strict_fields and (extra := _unread_fields(raw)):  # before the shape: a misspelt field is often why it is bad
+        raise DataError(f"{source}: field '{extra[0]}' is not a record field ({', '.join(RECORD_FIELDS)}); "
+                        "correct or remove it, or leave out --strict-fields to ignore it")
     fields = {key: value for key, value in raw.items() if value is not None}
     record_type = _string(fields, "type", source, required=False)
     if record_type is None and "task_type" in fields:

@@ -28,7 +28,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import socket
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -218,15 +220,46 @@ def _invalid_json(where: str, error: ValueError) -> DataError:
     return DataError(f"{where}: invalid JSON: {detail}")
 
 
+def _too_deep(where: str) -> DataError:
+    return DataError(f"{where}: invalid JSON: nested too deeply to read (more than about {sys.getrecursionlimit()} "
+                     "levels); a record holds strings and a list of messages")
+
+
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]+|\\.)*"|[][{},\n]', re.DOTALL)
+
+
+def _deepest(text: bytes) -> tuple[int, int]:
+    """The line (1-based) and the item of the top-level array (0-based) where ``text`` is nested
+    deepest: where the json module gave up, which its RecursionError does not say."""
+    depth = deepest = item = 0
+    lineno, at = 1, (1, 0)
+    for mark in _JSON_TOKEN.findall(text):
+        if mark == b"\n":
+            lineno += 1
+        elif mark in (b"[", b"{"):
+            depth += 1
+            if depth > deepest:
+                deepest, at = depth, (lineno, item)
+        elif mark in (b"]", b"}"):
+            depth -= 1
+        elif mark == b"," and depth == 1:
+            item += 1
+    return at
+
+
 def _json_entries(path: Path) -> Iterator[tuple[str, object]]:
     with open(path, "rb") as f:
         if f.read(1 << 16).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
             f.seek(0)
+            text = f.read()
             try:
-                items = json.loads(f.read())
+                items = json.loads(text)
             except ValueError as error:  # one broken array: nothing in it can be trusted, so never skipped
                 where = f"{path}:{error.lineno}" if isinstance(error, json.JSONDecodeError) else str(path)
                 raise _invalid_json(where, error) from None
+            except RecursionError:
+                lineno, item = _deepest(text)
+                raise _too_deep(f"{path}:{lineno} (item {item} of the array)") from None
             yield from ((f"{path}[{i}]", item) for i, item in enumerate(items))
             return
         f.seek(0)
@@ -237,6 +270,8 @@ def _json_entries(path: Path) -> Iterator[tuple[str, object]]:
                     yield source, json.loads(line)  # from bytes: a UTF-8 BOM on the first line is fine
                 except ValueError as error:
                     yield source, _invalid_json(source, error)
+                except RecursionError:  # a bad line like any other: skipped with --skip-bad-records
+                    yield source, _too_deep(source)
 
 
 def _csv_entries(path: Path) -> Iterator[tuple[str, object]]:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from loramoe.errors import UsageError
 from loramoe.fileio import atomic_write_text, ensure_writable_folder
+from loramoe.folder_lock import hold
 from loramoe.lab.config import DEFAULT_CONFIG, load_config
 from loramoe.lab.mix import build_mix
 from loramoe.lab.probe import build_probe
@@ -100,50 +101,52 @@ def lab(
     settings = load_config(lab_config, "quick" if quick else "full" if full else None)
     started = time.time()
     output = ensure_writable_folder(output, "--output")  # before hours of work, not after
-    mix = build_mix(settings.mix, output / "mix", settings.seed)
-    s = settings.score
-    probe = build_probe(relations=settings.mix.knowledge, tasks=settings.mix.tasks, mix_file=mix.path,
-                        seed=settings.seed, choices=s.choices, task_items=s.task_items, chat_items=s.chat_items,
-                        generation_items=s.generation_items, max_context_chars=settings.mix.max_context_chars)
-    key = scoring_key(settings, probe)
-    runs = plan(settings, mix, key)
-    if settings.model in EMBEDDED:  # once per machine, and not part of the pace the time left is drawn from
-        embedded_model_dir(settings.model)
-    batch = records_per_step(settings)
-    # smoothing=0: the time left follows the pace of the whole lab so far, not of its last run
-    progress = tqdm(total=sum(_costs(r, batch)["total"] for r in runs) + BASE_SECONDS, unit="s", desc="lab",
-                    smoothing=0,
-                    bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
-    progress.set_postfix_str("scoring the base model")
-    base, cached = score_base(settings, probe, output, key)
-    _account(progress, BASE_SECONDS, cached)
-    records, points = [], {}
-    for i, run in enumerate(runs, 1):
-        progress.set_postfix_str(f"run {i}/{len(runs)}: {run.name}")
-        cached = (run_folder(output, run) / DONE).is_file()
-        costs, done = _costs(run, batch), [0.0]
+    with hold(output, "--output", "lab"):  # two labs in one folder would train the same runs over each other
+        mix = build_mix(settings.mix, output / "mix", settings.seed)
+        s = settings.score
+        probe = build_probe(relations=settings.mix.knowledge, tasks=settings.mix.tasks, mix_file=mix.path,
+                            seed=settings.seed, choices=s.choices, task_items=s.task_items, chat_items=s.chat_items,
+                            generation_items=s.generation_items, max_context_chars=settings.mix.max_context_chars)
+        key = scoring_key(settings, probe)
+        runs = plan(settings, mix, key)
+        if settings.model in EMBEDDED:  # once per machine, and not part of the pace the time left is drawn from
+            embedded_model_dir(settings.model)
+        batch = records_per_step(settings)
+        # smoothing=0: the time left follows the pace of the whole lab so far, not of its last run
+        progress = tqdm(total=sum(_costs(r, batch)["total"] for r in runs) + BASE_SECONDS, unit="s", desc="lab",
+                        smoothing=0,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
+        progress.set_postfix_str("scoring the base model")
+        base, cached = score_base(settings, probe, output, key)
+        _account(progress, BASE_SECONDS, cached)
+        records, points = [], {}
+        for i, run in enumerate(runs, 1):
+            progress.set_postfix_str(f"run {i}/{len(runs)}: {run.name}")
+            cached = (run_folder(output, run) / DONE).is_file()
+            costs, done = _costs(run, batch), [0.0]
 
-        def tick(kind: str, costs: dict[str, float] = costs, done: list[float] = done) -> None:
-            progress.update(costs[kind])
-            done[0] += costs[kind]
+            def tick(kind: str, costs: dict[str, float] = costs, done: list[float] = done) -> None:
+                progress.update(costs[kind])
+                done[0] += costs[kind]
 
-        record = execute(run, settings, probe, base["gold"], output, tick)
-        _account(progress, costs["total"] - done[0], cached)
-        records.append(record)
-        points[run.name] = read_points(output, record)
-        last = points[run.name][-1]
-        progress.write(f"{run.name}: step {last['step']}, "
-                       f"task loss {sum(last['task_loss']) / len(last['task_loss']):.3f} "
-                       f"(base {sum(base['task_loss']) / len(base['task_loss']):.3f})")
-    progress.close()
-    results: dict[str, Any] = {
-        "lab": {"version": version("loramoe"), "model": settings.model, "sources": settings.sources, "runs": len(runs),
-                "seconds": round(time.time() - started, 1), "settings": asdict(settings),
-                "run_seconds": {r["name"]: r["seconds"] for r in records}},
-        "mix": mix.counts,
-        **build(settings, probe, base, records, points),
-    }
-    atomic_write_text(output / "results.json", json.dumps(results, indent=2) + "\n")
-    md, html = render(results, output)
-    print(f"report: {md} and {html}")
-    return results
+            record = execute(run, settings, probe, base["gold"], output, tick)
+            _account(progress, costs["total"] - done[0], cached)
+            records.append(record)
+            points[run.name] = read_points(output, record)
+            last = points[run.name][-1]
+            progress.write(f"{run.name}: step {last['step']}, "
+                           f"task loss {sum(last['task_loss']) / len(last['task_loss']):.3f} "
+                           f"(base {sum(base['task_loss']) / len(base['task_loss']):.3f})")
+        progress.close()
+        results: dict[str, Any] = {
+            "lab": {"version": version("loramoe"), "model": settings.model, "sources": settings.sources,
+                    "runs": len(runs),
+                    "seconds": round(time.time() - started, 1), "settings": asdict(settings),
+                    "run_seconds": {r["name"]: r["seconds"] for r in records}},
+            "mix": mix.counts,
+            **build(settings, probe, base, records, points),
+        }
+        atomic_write_text(output / "results.json", json.dumps(results, indent=2) + "\n")
+        md, html = render(results, output)
+        print(f"report: {md} and {html}")
+        return results

@@ -40,6 +40,7 @@ from loramoe.attach import attach
 from loramoe.data import IGNORE_INDEX, DataCollator, read_records, tokenize_records
 from loramoe.errors import UsageError
 from loramoe.fileio import atomic_write_text, ensure_writable_folder
+from loramoe.folder_lock import hold
 from loramoe.forgetting import distribution_shift
 from loramoe.inference import eval_mode
 from loramoe.scaling.report import write_report
@@ -256,36 +257,39 @@ def scaling(
     exclude = opts["steps"] // 5 if exclude_steps is None else exclude_steps
     started = time.time()
     output = ensure_writable_folder(output, "--output")  # before hours of work, not after
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        base, tokenizer = models.load(model)
-        train_file, heldout_file = fine_tuning_data(data, output / "data", tokenizer, max_length=opts["max_length"],
-                                                    heldout=opts["heldout"], seed=seed)
-        held_records, _ = read_records([heldout_file])
-        held = tokenize_records(held_records, tokenizer, max_length=opts["max_length"])
-        general = general_texts(text, opts["texts"])
-        base_probe = ForgettingProbe(tokenizer, general, held, eval_every=1, text_max_length=opts["text_max_length"])
-        base_point = base_probe.measure(attach(base, LoraConfig(r=1)), 0)  # B = 0: the base model itself
-        common = dict(model=model, data=str(train_file), data_digest=_digest(train_file.read_bytes()),
-                      heldout_digest=_digest(heldout_file.read_bytes()),
-                      texts_digest=_digest(json.dumps(general).encode()),
-                      text_max_length=opts["text_max_length"], steps=opts["steps"], eval_every=opts["eval_every"],
-                      max_length=opts["max_length"], batch_size=opts["batch_size"], lr=lr, warmup_ratio=warmup_ratio,
-                      scheduler=scheduler, scale=scale, dropout=dropout, expert_rank=expert_rank, seed=seed)
+    with hold(output, "--output", "scaling"):
+        previous_threads = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            base, tokenizer = models.load(model)
+            train_file, heldout_file = fine_tuning_data(data, output / "data", tokenizer, max_length=opts["max_length"],
+                                                        heldout=opts["heldout"], seed=seed)
+            held_records, _ = read_records([heldout_file])
+            held = tokenize_records(held_records, tokenizer, max_length=opts["max_length"])
+            general = general_texts(text, opts["texts"])
+            base_probe = ForgettingProbe(tokenizer, general, held, eval_every=1,
+                                         text_max_length=opts["text_max_length"])
+            base_point = base_probe.measure(attach(base, LoraConfig(r=1)), 0)  # B = 0: the base model itself
+            common = dict(model=model, data=str(train_file), data_digest=_digest(train_file.read_bytes()),
+                          heldout_digest=_digest(heldout_file.read_bytes()),
+                          texts_digest=_digest(json.dumps(general).encode()),
+                          text_max_length=opts["text_max_length"], steps=opts["steps"], eval_every=opts["eval_every"],
+                          max_length=opts["max_length"], batch_size=opts["batch_size"], lr=lr,
+                          warmup_ratio=warmup_ratio, scheduler=scheduler, scale=scale, dropout=dropout,
+                          expert_rank=expert_rank, seed=seed)
 
-        def make_probe(full: bool) -> ForgettingProbe:
-            return ForgettingProbe(tokenizer, general, held, eval_every=opts["eval_every"],
-                                   text_max_length=opts["text_max_length"],
-                                   base_model=models.load(model)[0] if full else None)
+            def make_probe(full: bool) -> ForgettingProbe:
+                return ForgettingProbe(tokenizer, general, held, eval_every=opts["eval_every"],
+                                       text_max_length=opts["text_max_length"],
+                                       base_model=models.load(model)[0] if full else None)
 
-        plan = [(m, size) for m in dict.fromkeys(method) for size in ([0] if m == "full" else opts["ranks"])]
-        runs = [_run_one({**common, "method": m, "size": size}, output / "runs" / f"{m}-{size}",
-                         partial(make_probe, m == "full"), base_point)
-                for m, size in tqdm(plan, desc="scaling runs", unit="run")]
-    finally:
-        torch.set_num_threads(previous_threads)
-    settings = {**common, "method": list(dict.fromkeys(method)), "ranks": opts["ranks"], "exclude_steps": exclude,
-                "metric": metric, "quick": quick, "threads": threads}
-    return write_report(runs, settings, output, seconds=round(time.time() - started, 1))
+            plan = [(m, size) for m in dict.fromkeys(method) for size in ([0] if m == "full" else opts["ranks"])]
+            runs = [_run_one({**common, "method": m, "size": size}, output / "runs" / f"{m}-{size}",
+                             partial(make_probe, m == "full"), base_point)
+                    for m, size in tqdm(plan, desc="scaling runs", unit="run")]
+        finally:
+            torch.set_num_threads(previous_threads)
+        settings = {**common, "method": list(dict.fromkeys(method)), "ranks": opts["ranks"], "exclude_steps": exclude,
+                    "metric": metric, "quick": quick, "threads": threads}
+        return write_report(runs, settings, output, seconds=round(time.time() - started, 1))

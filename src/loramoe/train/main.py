@@ -11,8 +11,11 @@ Scaling out needs no code change: ``accelerate launch --num_processes N -m loram
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,9 +31,18 @@ from loramoe.adapters import LAYER_CLASSES, LoraMoEConfig
 from loramoe.attach import attach, trainable_parameters
 from loramoe.data import DataCollator, read_records, tokenize_records
 from loramoe.errors import OutputFolderError
-from loramoe.fileio import atomic_write_text
+from loramoe.fileio import atomic_write_text, ensure_writable_folder
+from loramoe.folder_lock import hold
 from loramoe.serialization import load_adapter, read_adapter_config
-from loramoe.train.run_folder import check_resume, clear, prepare_output, run_identity
+from loramoe.train.run_folder import (
+    RUN_NAMES,
+    check_resume,
+    clear,
+    data_hash,
+    prepare_output,
+    record_names,
+    run_identity,
+)
 from loramoe.train.settings import adapter_config, adapter_summary, check_init_adapter, check_settings, saved_config
 from loramoe.train.trainer import (
     LoraMoETrainer,
@@ -59,6 +71,29 @@ def _precision(precision: Precision) -> dict[str, bool]:
         else:
             precision = "fp32"
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+FINAL_STAGING = ".final"
+"""Where the final adapter or model is written before its files take their names in the run folder."""
+
+
+def _main_process() -> bool:
+    # the main process alone writes the run folder, and holds it; ``accelerate launch`` and
+    # ``torchrun`` number the processes in RANK
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _publish(staging: Path, output: Path) -> None:
+    """Move what ``staging`` holds into ``output``, each name recorded in the run's manifest before
+    it appears there (see :mod:`loramoe.train.run_folder`)."""
+    names = sorted(p.name for p in staging.iterdir())
+    record_names(output, names)
+    for name in names:
+        target = output / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(staging / name, target)
+    staging.rmdir()
 
 
 def train(
@@ -103,6 +138,7 @@ def train(
     overwrite: bool = False,
     init_adapter: Path | None = None,
     skip_bad_records: bool = False,
+    strict_fields: bool = False,
     seed: int = 0,
     trust_remote_code: bool = False,
     quantize: Quantize | None = None,
@@ -167,10 +203,13 @@ def train(
         resume: continue from the last complete checkpoint in ``output/checkpoints``, which must
             have been written by a run with the same settings and data (else an error names the
             first difference).
-        overwrite: delete the run already in ``output`` and start again.
+        overwrite: delete what the run already in ``output`` wrote (the names its
+            ``run_manifest.json`` lists) and start again; a folder holding anything else is refused.
         init_adapter: start from a saved adapter (sequential fine-tuning) with its config; adapter
             flags given with other values than the adapter's are refused.
         skip_bad_records: skip malformed records (the count is reported) instead of stopping.
+        strict_fields: a record field loramoe does not read (a misspelt ``input`` or ``type``) is an
+            error naming the file, line and field, not a warning that counts them.
         seed: seed for initialisation, data order and dropout.
         trust_remote_code: allow a hub model's own code to run.
         quantize: load the base model's linear layers quantized to 4bit (NF4) or 8bit (LLM.int8())
@@ -186,99 +225,111 @@ def train(
     check_validation(settings)
     started = time.time()
     output = Path(output)
-    held = prepare_output(output, resume=resume, overwrite=overwrite)
-    records, skipped = read_records(data, skip_bad=skip_bad_records, columns=columns)
-    val_records = read_records(val_data, skip_bad=skip_bad_records, columns=columns)[0] if val_data else []
-    identity = run_identity(settings, records, val_records)
-    if val_split is not None:
-        records, val_records = split_validation(records, val_split)
-    checkpoints = output / "checkpoints"
-    last_checkpoint = None
-    if resume:
-        removed = remove_incomplete_checkpoints(checkpoints)
-        if removed:
-            logger.warning("removed %d incomplete checkpoint(s): %s", len(removed), [p.name for p in removed])
-        done = complete_checkpoints(checkpoints)
-        last_checkpoint = done[-1] if done else None
-        if last_checkpoint is not None:
-            check_resume(last_checkpoint, checkpoint_run(last_checkpoint), identity)
-        elif held:
-            raise OutputFolderError(f"--resume: {output} has no complete checkpoint to continue from, but holds "
-                                    "files of a run; --overwrite starts it again")
+    ensure_writable_folder(output, "--output")
+    with hold(output, "--output", "train") if _main_process() else contextlib.nullcontext():
+        held = prepare_output(output, resume=resume, overwrite=overwrite)
+        reading = {"skip_bad": skip_bad_records, "columns": columns, "strict_fields": strict_fields}
+        records, skipped = read_records(data, **reading)
+        val_records = read_records(val_data, **reading)[0] if val_data else []
+        identity = run_identity(settings, records, val_records)
+        if val_split is not None:
+            records, val_records = split_validation(records, val_split)
+            # which records a split holds out is loramoe's choice, which may change between versions
+            identity["held_out_sha256"] = data_hash(val_records)
+        checkpoints = output / "checkpoints"
+        last_checkpoint = None
+        if resume:
+            removed = remove_incomplete_checkpoints(checkpoints)
+            if removed:
+                logger.warning("removed %d incomplete checkpoint(s): %s", len(removed), [p.name for p in removed])
+            done = complete_checkpoints(checkpoints)
+            last_checkpoint = done[-1] if done else None
+            if last_checkpoint is not None:
+                check_resume(last_checkpoint, checkpoint_run(last_checkpoint), identity)
+            elif held:
+                raise OutputFolderError(f"--resume: {output} has no complete checkpoint to continue from, but holds "
+                                        "files of a run; --overwrite starts it again")
+            else:
+                logger.warning("--resume: no complete checkpoint in %s, starting from scratch", checkpoints)
+        if init_adapter is not None:
+            config, _ = read_adapter_config(init_adapter)
+            check_init_adapter(config, settings, Path(init_adapter))
         else:
-            logger.warning("--resume: no complete checkpoint in %s, starting from scratch", checkpoints)
-    if init_adapter is not None:
-        config, _ = read_adapter_config(init_adapter)
-        check_init_adapter(config, settings, Path(init_adapter))
-    else:
-        config = adapter_config(settings)
+            config = adapter_config(settings)
 
-    torch.manual_seed(seed)  # the adapter's initialisation
-    base, tokenizer = models.load(model, trust_remote_code=trust_remote_code, quantize=quantize)
-    if init_adapter is not None:
-        load_adapter(base, init_adapter)
-    elif config is not None:
-        attach(base, config)
-    type_ids = None  # types mean nothing to other methods; to LoRAMoE, the index of the group that claims them
-    if isinstance(config, LoraMoEConfig):
-        type_ids = {name: i for i, name in enumerate(config.groups or {})}
-    params = trainable_parameters(base)
-    logger.info("%s", params)
-    dataset = tokenize_records(records, tokenizer, max_length=max_length, type_ids=type_ids,
-                               require_types=require_types)
-    val_dataset = (tokenize_records(val_records, tokenizer, max_length=max_length, type_ids=type_ids)
-                   if val_records else None)
-    args = TrainingArguments(
-        output_dir=str(checkpoints), max_steps=-1 if max_steps is None else max_steps, num_train_epochs=epochs,
-        learning_rate=lr, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
-        warmup_steps=warmup_ratio, lr_scheduler_type=scheduler, weight_decay=weight_decay, seed=seed,
-        data_seed=seed, save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit,
-        logging_steps=logging_steps, report_to=[],
-        activation_checkpointing=gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},  # reentrant would cut the router's graph
-        remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
-        use_cpu=not torch.cuda.is_available(), **_precision(precision),
-        **validation_arguments(settings, val_dataset is not None))
-    trainer = LoraMoETrainer(model=base, args=args, train_dataset=dataset, eval_dataset=val_dataset,
-                             data_collator=DataCollator(tokenizer), group_by_length=group_by_length,
-                             run_identity=identity,
-                             callbacks=[TensorBoardLogs(output / "logs"), *validation_callbacks(settings), *callbacks])
-    trainer.accelerator.wait_for_everyone()  # every process has checked the folder before it changes
-    if trainer.args.should_save:
-        if overwrite and held:
-            clear(output)  # only now: a run refused above leaves the old one as it was
-        atomic_write_text(output / "train_config.yaml", yaml.safe_dump(saved_config(settings), sort_keys=False))
-    trainer.accelerator.wait_for_everyone()
-    if last_checkpoint is not None and finished_checkpoint(last_checkpoint):
-        # the Trainer would take one more step from a checkpoint at the end; the run is done, so its
-        # result is the checkpoint's
-        trainer._load_from_checkpoint(str(last_checkpoint))
-        trainer.state = TrainerState.load_from_json(str(last_checkpoint / TRAINER_STATE_NAME))
-        result = None
-    else:
-        result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+        torch.manual_seed(seed)  # the adapter's initialisation
+        base, tokenizer = models.load(model, trust_remote_code=trust_remote_code, quantize=quantize)
+        if init_adapter is not None:
+            load_adapter(base, init_adapter)
+        elif config is not None:
+            attach(base, config)
+        type_ids = None  # types mean nothing to other methods; to LoRAMoE, the index of the group that claims them
+        if isinstance(config, LoraMoEConfig):
+            type_ids = {name: i for i, name in enumerate(config.groups or {})}
+        params = trainable_parameters(base)
+        logger.info("%s", params)
+        dataset = tokenize_records(records, tokenizer, max_length=max_length, type_ids=type_ids,
+                                   require_types=require_types)
+        val_dataset = (tokenize_records(val_records, tokenizer, max_length=max_length, type_ids=type_ids)
+                       if val_records else None)
+        args = TrainingArguments(
+            output_dir=str(checkpoints), max_steps=-1 if max_steps is None else max_steps, num_train_epochs=epochs,
+            learning_rate=lr, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+            warmup_steps=warmup_ratio, lr_scheduler_type=scheduler, weight_decay=weight_decay, seed=seed,
+            data_seed=seed, save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit,
+            logging_steps=logging_steps, report_to=[],
+            activation_checkpointing=gradient_checkpointing,
+            activation_checkpointing_kwargs={"use_reentrant": False},  # reentrant would cut the router's graph
+            remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
+            use_cpu=not torch.cuda.is_available(), **_precision(precision),
+            **validation_arguments(settings, val_dataset is not None))
+        trainer = LoraMoETrainer(model=base, args=args, train_dataset=dataset, eval_dataset=val_dataset,
+                                 data_collator=DataCollator(tokenizer), group_by_length=group_by_length,
+                                 run_identity=identity,
+                                 callbacks=[TensorBoardLogs(output / "logs"), *validation_callbacks(settings),
+                                            *callbacks])
+        trainer.accelerator.wait_for_everyone()  # every process has checked the folder before it changes
+        if trainer.args.should_save:
+            if overwrite and held:
+                clear(output)  # only now: a run refused above leaves the old one as it was
+            record_names(output, [*RUN_NAMES, FINAL_STAGING])
+            atomic_write_text(output / "train_config.yaml", yaml.safe_dump(saved_config(settings), sort_keys=False))
+        trainer.accelerator.wait_for_everyone()
+        if last_checkpoint is not None and finished_checkpoint(last_checkpoint):
+            # the Trainer would take one more step from a checkpoint at the end; the run is done, so its
+            # result is the checkpoint's
+            trainer._load_from_checkpoint(str(last_checkpoint))
+            trainer.state = TrainerState.load_from_json(str(last_checkpoint / TRAINER_STATE_NAME))
+            result = None
+        else:
+            result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
 
-    if trainer.args.should_save:
-        output.mkdir(parents=True, exist_ok=True)
-    trainer.save_model(str(output))  # on every process: a sharded (FSDP) adapter is gathered from all of them
-    if trainer.args.should_save and method == "full":
-        tokenizer.save_pretrained(output)
-    history = [entry for entry in trainer.state.log_history if "loss" in entry]
-    last = history[-1] if history else {}
-    summary = {
-        "method": method, "model": model, "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch, "records": len(records), "skipped_records": skipped,
-        "tokens": int(trainer.state.num_input_tokens_seen), "seconds": round(time.time() - started, 2),
-        "train_runtime": result.metrics.get("train_runtime") if result else None,
-        "final_loss": last.get("loss"), "final_lm_loss": last.get("lm_loss", last.get("loss")),
-        "final_lbc_loss": last.get("lbc_loss"), "final_route_loss": last.get("route_loss"),
-        "train_loss": result.training_loss if result else None,
-        "trainable_parameters": params.trainable, "total_parameters": params.total,
-        "adapter": adapter_summary(config), "data_sha256": identity["data_sha256"],
-        "resumed_from": str(last_checkpoint) if last_checkpoint else None,
-        "validation": outcome(trainer.state, len(val_records)) if val_dataset is not None else None,
-    }
-    if trainer.args.should_save:
-        atomic_write_text(output / "train_summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+        staging = output / FINAL_STAGING
+        if trainer.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # a save cut off by a kill
+            staging.mkdir(parents=True)
+        trainer.accelerator.wait_for_everyone()
+        trainer.save_model(str(staging))  # on every process: a sharded (FSDP) adapter is gathered from all of them
+        if trainer.args.should_save:
+            if method == "full":
+                tokenizer.save_pretrained(staging)
+            _publish(staging, output)
+        history = [entry for entry in trainer.state.log_history if "loss" in entry]
+        last = history[-1] if history else {}
+        summary = {
+            "method": method, "model": model, "steps": trainer.state.global_step,
+            "epochs": trainer.state.epoch, "records": len(records), "skipped_records": skipped,
+            "tokens": int(trainer.state.num_input_tokens_seen), "seconds": round(time.time() - started, 2),
+            "train_runtime": result.metrics.get("train_runtime") if result else None,
+            "final_loss": last.get("loss"), "final_lm_loss": last.get("lm_loss", last.get("loss")),
+            "final_lbc_loss": last.get("lbc_loss"), "final_route_loss": last.get("route_loss"),
+            "train_loss": result.training_loss if result else None,
+            "trainable_parameters": params.trainable, "total_parameters": params.total,
+            "adapter": adapter_summary(config), "data_sha256": identity["data_sha256"],
+            "resumed_from": str(last_checkpoint) if last_checkpoint else None,
+            "validation": outcome(trainer.state, len(val_records)) if val_dataset is not None else None,
+        }
+        if trainer.args.should_save:
+            atomic_write_text(output / "train_summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
 

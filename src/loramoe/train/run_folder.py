@@ -1,10 +1,15 @@
 """A training run's folder holds one run: what may go into it, and when a run may continue in it.
 
-``loramoe train --output DIR`` refuses a folder that holds anything, unless ``--overwrite`` (it is
-cleared first, if it is a run folder) or ``--resume`` (the run continues from its last complete
-checkpoint, if that checkpoint was written by a run with the same settings and the same data).
-Without this, a second run into the same folder would mix its files with the first one's, and a
-resume with other data or settings would report "resumed" and hand back the first run's weights.
+``loramoe train --output DIR`` refuses a folder that holds anything, unless ``--overwrite`` (what
+an earlier run wrote there is deleted first) or ``--resume`` (the run continues from its last
+complete checkpoint, if that checkpoint was written by a run with the same settings and the same
+data). Without this, a second run into the same folder would mix its files with the first one's,
+and a resume with other data or settings would report "resumed" and hand back the first run's weights.
+
+A run lists every name it writes at the top of its folder in ``run_manifest.json`` *before* the
+name appears, so the list holds whatever a kill at any moment leaves. ``--overwrite`` deletes
+those names and nothing else, and refuses a folder that holds any other (a user's sources, notes
+or the training data itself), naming them: a folder is a run's only if the run says so.
 
 A run's *identity* is what decides its result: every setting but the ones that only say where and
 how often to write, plus a hash of the records read. The trainer writes it into each checkpoint's
@@ -14,6 +19,7 @@ completion marker; ``--resume`` compares it with the new run's and names the fir
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,15 +27,18 @@ from typing import Any
 
 from loramoe.data import Record, record_content
 from loramoe.errors import OutputFolderError, UsageError
-from loramoe.fileio import WRITE_CHECK, ensure_writable_folder
+from loramoe.fileio import WRITE_CHECK, atomic_write_text
+from loramoe.folder_lock import LOCK_FILE
 
-RUN_FILES = ("train_config.yaml", "train_summary.json", "adapter_config.json", "adapter_model.safetensors",
-             "model.safetensors", "config.json", "checkpoints", "logs")
-"""Names that only a run folder holds: ``--overwrite`` clears a folder that has one of them."""
+MANIFEST = "run_manifest.json"
+"""The list of names a run wrote (or was about to write) at the top of its folder."""
+RUN_NAMES = ("train_config.yaml", "train_summary.json", "checkpoints", "logs")
+"""What every run writes besides its final adapter or model, whose names it records as it saves them."""
 
 NOT_IDENTITY = {"data", "val_data", "columns", "output", "resume", "overwrite", "logging_steps", "save_steps",
                 "save_total_limit",
-                "trust_remote_code", "gradient_checkpointing", "skip_bad_records", "require_types", "callbacks"}
+                "trust_remote_code", "gradient_checkpointing", "skip_bad_records", "require_types", "strict_fields",
+                "callbacks"}
 """Settings that do not change what a run computes: where it reads and writes (the data enter
 through their hash), how often it logs and saves, what it checks, and how it trades memory for
 time (gradient checkpointing gives the same training). The data, as read and mapped into records,
@@ -56,34 +65,81 @@ def run_identity(settings: Mapping[str, Any], records: Sequence[Record],
     return identity
 
 
+def held_names(output: Path) -> list[str]:
+    """What ``output`` holds, but for the files of this process's own checks: its lock, and a probe
+    that another process of the same run may be writing (``ensure_writable_folder``)."""
+    if not output.is_dir():
+        return []
+    return sorted(p.name for p in output.iterdir() if not p.name.startswith(WRITE_CHECK) and p.name != LOCK_FILE)
+
+
+def read_manifest(output: Path) -> list[str] | None:
+    """The names a run recorded in ``output``, or None where no run did."""
+    path = output / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        names = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise OutputFolderError(f"{path}: not a run manifest loramoe wrote (unreadable); delete the folder's "
+                                "content yourself or give a new folder") from None
+    if not (isinstance(names, list) and all(isinstance(n, str) and n and "/" not in n and n not in (".", "..")
+                                            for n in names)):
+        raise OutputFolderError(f"{path}: field 'files' must be a list of plain file names; delete the folder's "
+                                "content yourself or give a new folder")
+    return names
+
+
+def record_names(output: Path, names: Sequence[str]) -> None:
+    """Add ``names`` to ``output``'s manifest, before they are written (see the module's docstring)."""
+    known = read_manifest(output) or []
+    added = [n for n in names if n not in known]
+    if added or not known:
+        manifest = {"written_by": "loramoe train", "files": sorted({*known, *added, MANIFEST})}
+        atomic_write_text(output / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+def _shown(names: Sequence[str]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
 def prepare_output(output: Path, *, resume: bool, overwrite: bool) -> bool:
-    """Check ``output`` before any work: a writable folder, empty unless ``resume`` or ``overwrite``
-    allows what it holds. Returns whether it holds files (to clear with ``overwrite``, or a run
-    to continue with ``resume``)."""
+    """Check ``output`` (a writable folder, held by this process) before any work: empty unless
+    ``resume`` or ``overwrite`` allows what it holds. Returns whether it holds files (to clear with
+    ``overwrite``, or a run to continue with ``resume``)."""
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other: --resume continues the run in "
                          "--output, --overwrite deletes it")
-    # another process of the same run may be probing the folder (ensure_writable_folder's file)
-    held = sorted(p.name for p in output.iterdir() if not p.name.startswith(WRITE_CHECK)) if output.is_dir() else []
+    held = held_names(output)
     if held and not (resume or overwrite):
-        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
-        raise OutputFolderError(f"--output {output}: the folder is not empty ({shown}); a run folder holds "
+        raise OutputFolderError(f"--output {output}: the folder is not empty ({_shown(held)}); a run folder holds "
                                 "one run: give a new folder, --resume to continue the run in it, or "
                                 "--overwrite to delete it and start again")
-    if held and overwrite and not any(name in RUN_FILES for name in held):
-        raise OutputFolderError(f"--output {output}: --overwrite deletes only a run folder, and this one holds "
-                                f"no run ({', '.join(held[:4])}); give a new folder")
-    ensure_writable_folder(output, "--output")
+    if held and overwrite:
+        manifest = read_manifest(output)
+        if manifest is None:
+            raise OutputFolderError(f"--output {output}: --overwrite deletes only what a run wrote, listed in its "
+                                    f"{MANIFEST}, and this folder has none ({_shown(held)}); give a new folder")
+        others = [name for name in held if name not in manifest]
+        if others:
+            raise OutputFolderError(f"--output {output}: --overwrite deletes only what a run wrote, and this folder "
+                                    f"also holds {_shown(others)}, which no run wrote; move them out or give a "
+                                    "new folder")
     return bool(held)
 
 
 def clear(output: Path) -> None:
-    """Delete what ``output`` holds (``--overwrite``, once the new run's input has been checked)."""
-    for entry in output.iterdir():
+    """Delete what the run in ``output`` wrote (``--overwrite``, once the new run's input has been
+    checked), its manifest last so that a kill half-way leaves the rest listed."""
+    for name in read_manifest(output) or []:
+        entry = output / name
+        if name == MANIFEST:
+            continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
-            entry.unlink()
+            entry.unlink(missing_ok=True)
+    (output / MANIFEST).unlink(missing_ok=True)
 
 
 def check_resume(checkpoint: Path, saved: Mapping[str, Any] | None, identity: Mapping[str, Any]) -> None:
@@ -97,6 +153,9 @@ def check_resume(checkpoint: Path, saved: Mapping[str, Any] | None, identity: Ma
         if saved.get(key) != identity.get(key):
             if key in ("data_sha256", "val_data_sha256"):
                 what = f"other {'validation ' if key.startswith('val') else ''}data (the records' hash differs)"
+            elif key == "held_out_sha256":
+                what = ("other records held out by --val-split (an older loramoe chose them, or the data "
+                        "differ)")
             else:
                 flag = "--" + key.replace("_", "-")
                 what = f"{flag} {saved.get(key, '(not set)')!r}, this run has {identity.get(key, '(not set)')!r}"

@@ -12,7 +12,10 @@ resume, distributed runs and logging all stay the Trainer's):
   every ``report_to`` target;
 - adapter-only checkpoints (``adapter_config.json`` + ``adapter_model.safetensors``) instead of the
   whole model, and a completion marker written last, so a checkpoint killed half-way is never resumed;
-  the marker records the run's identity, which ``--resume`` checks;
+  the marker records the run's identity, which ``--resume`` checks, and the checkpoint's files and
+  sizes, so one that lost a file counts as incomplete. Rotation deletes an old checkpoint's marker
+  before its files: a kill while it deletes leaves an incomplete checkpoint, never a "complete" one
+  without its adapter;
 - FSDP2 (an ``accelerate launch`` FSDP config): the adapter is gathered from the shards when saved and
   each process takes its shard when loaded, and the optimizer state is written whole; where accelerate
   leaves FSDP off (the CPU) the trainer shards the model itself (see :meth:`LoraMoETrainer._shard`);
@@ -44,7 +47,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
-from transformers.trainer_utils import rotate_checkpoints
+from transformers.trainer_utils import sort_checkpoints
 
 from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import adapter_config
@@ -64,13 +67,34 @@ class TrainingDiverged(LoramoeError, RuntimeError):
     """The loss became NaN or infinite."""
 
 
+def _listed_files_present(checkpoint: Path, marker: Path) -> bool:
+    """Whether every file the marker lists is there with its size (a marker of an older loramoe lists
+    none, and is taken at its word)."""
+    try:
+        files = json.loads(marker.read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not isinstance(files, dict):
+        return False
+    for name, size in files.items():
+        path = checkpoint / name
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return True
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    marker = checkpoint / COMPLETE_MARKER
+    return marker.is_file() and _listed_files_present(checkpoint, marker)
+
+
 def complete_checkpoints(folder: str | os.PathLike) -> list[Path]:
-    """Checkpoints under ``folder`` whose completion marker exists, oldest first."""
+    """Checkpoints under ``folder`` whose completion marker exists and whose files it lists are all
+    there, oldest first."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir()
-             if (m := _CHECKPOINT_RE.match(p.name)) and (p / COMPLETE_MARKER).is_file()]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and _is_complete(p)]
     return [p for _, p in sorted(found)]
 
 
@@ -78,6 +102,25 @@ def checkpoint_run(checkpoint: str | os.PathLike) -> dict | None:
     """The identity of the run that wrote ``checkpoint`` (see :mod:`loramoe.train.run_folder`), from its
     completion marker; None if the marker records none."""
     return json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text()).get("run")
+
+
+def delete_checkpoint(checkpoint: str | os.PathLike) -> None:
+    """Delete ``checkpoint``, its completion marker first: a kill half-way leaves it incomplete."""
+    checkpoint = Path(checkpoint)
+    (checkpoint / COMPLETE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def rotate(folder: str | os.PathLike, limit: int | None, best: str | None) -> None:
+    """Keep at most ``limit`` checkpoints in ``folder``: the Trainer's choice (the newest and the best
+    are kept; the oldest others go), deleted marker first."""
+    if limit is None or limit <= 0:
+        return
+    found = sort_checkpoints(str(folder), use_mtime=True)
+    protected = {found[-1], *([str(Path(best))] if best else [])} if found else set()
+    excess = len(found) - max(limit, len(protected))
+    for checkpoint in [c for c in found if c not in protected][:max(excess, 0)]:
+        delete_checkpoint(checkpoint)
 
 
 def finished_checkpoint(checkpoint: str | os.PathLike) -> bool:
@@ -101,13 +144,14 @@ def fsdp_requested() -> bool:
 
 
 def remove_incomplete_checkpoints(folder: str | os.PathLike) -> list[Path]:
-    """Delete checkpoint folders without a completion marker (left by a killed run)."""
+    """Delete checkpoint folders left incomplete by a killed run: without a completion marker (killed
+    while saving) or missing a file it lists (killed while rotation deleted it)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    removed = [p for p in folder.iterdir() if _CHECKPOINT_RE.match(p.name) and not (p / COMPLETE_MARKER).is_file()]
+    removed = [p for p in folder.iterdir() if _CHECKPOINT_RE.match(p.name) and not _is_complete(p)]
     for p in removed:
-        shutil.rmtree(p)
+        delete_checkpoint(p)
     return removed
 
 
@@ -392,7 +436,8 @@ class LoraMoETrainer(Trainer):
         if self.args.should_save:
             run_dir = self._get_output_dir(trial=trial)
             folder = Path(run_dir) / f"checkpoint-{self.state.global_step}"
-            marker = {"global_step": self.state.global_step, "run": self.run_identity}
+            files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+                     if p.is_file() and p.name != COMPLETE_MARKER}
+            marker = {"global_step": self.state.global_step, "run": self.run_identity, "files": files}
             atomic_write_text(folder / COMPLETE_MARKER, json.dumps(marker, indent=2))
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            rotate(run_dir, limit, self.state.best_model_checkpoint)

@@ -10,14 +10,20 @@ against each other and reads the outcome back for ``train_summary.json``.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import math
+import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainerState
 
-from loramoe.data import Record, record_content
+from loramoe.data import Record
 from loramoe.errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 
 def check_validation(s: Mapping[str, Any]) -> None:
@@ -43,17 +49,41 @@ def eval_steps(s: Mapping[str, Any]) -> int:
 
 
 def split_validation(records: Sequence[Record], share: float) -> tuple[list[Record], list[Record]]:
-    """``(train, validation)``: the ``ceil(share * n)`` records whose content hashes lowest. The
-    choice depends on each record alone, so it is the same in every run, in any order of the data,
-    and a record added later does not move the others between the sets."""
-    def key(record: Record) -> str:
-        return hashlib.sha256(record_content(record)).hexdigest()
+    """``(train, validation)``: at least ``ceil(share * n)`` records, those whose conversation hashes
+    lowest, each with every copy of its conversation (whatever their type), so that no validation
+    record is also trained on. The choice depends on each record alone, so it is the same in every
+    run, in any order of the data, and a record added later does not move the others between the
+    sets. One line gives the counts; a warning says why when far more than ``share`` is held out."""
+    keys = [hashlib.sha256(json.dumps(record.messages, sort_keys=True).encode()).hexdigest() for record in records]
+    copies = Counter(keys)
+    wanted = math.ceil(round(share * len(records), 9))  # 0.1 * 30 is 3.0000000000000004, not a reason for 4
+    held, chosen = 0, set()
+    for digest in sorted(copies):
+        if held >= wanted:
+            break
+        chosen.add(digest)
+        held += copies[digest]
+    if held >= len(records):
+        copied = " (all are copies of one conversation, which stay on one side)" if len(copies) == 1 else ""
+        raise UsageError(f"--val-split {share} of {len(records)} records leaves none to train on{copied}")
+    _report(share, held, len(records), wanted)
+    split: tuple[list[Record], list[Record]] = ([], [])
+    for record, digest in zip(records, keys):
+        split[digest in chosen].append(record)
+    return split
 
-    count = math.ceil(share * len(records))
-    if count >= len(records):
-        raise UsageError(f"--val-split {share} of {len(records)} records leaves none to train on")
-    held = set(sorted(range(len(records)), key=lambda i: key(records[i]))[:count])
-    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+def _report(share: float, held: int, total: int, wanted: int) -> None:
+    line = (f"--val-split {share:g}: {held} of {total} records held out for validation "
+            f"({100 * held / total:.3g} %), {total - held} train")
+    if held < 2 * share * total:
+        logger.warning("%s", line)
+        return
+    why = [f"{share:g} of {total} records rounds up to {wanted}"] if wanted >= 2 * share * total else []
+    if held > wanted:
+        why.append(f"{held - wanted} more are copies of held-out conversations, which stay on one side")
+    warnings.warn(f"{line}, far more than the {100 * share:.3g} % asked: {' and '.join(why)}; give more records, "
+                  "another --val-split, or --val-data", stacklevel=3)
 
 
 def training_arguments(s: Mapping[str, Any], validating: bool) -> dict[str, Any]:
