@@ -56,10 +56,13 @@ def test_the_float_dtypes_and_their_aliases_still_load(saved_adapter):
         assert model.model.layers[0].mlp.up_proj.lora_A.dtype == want
 
 
-def test_an_int8_adapter_is_one_line_from_the_command(saved_adapter, tiny_model_dir, capsys):
+@pytest.mark.parametrize("command", [["generate", "--prompt", "Hello"], ["eval", "--suite", "lm-loss"]])
+def test_an_int8_adapter_is_one_line_from_the_command_before_the_model_loads(saved_adapter, tiny_model_dir, capsys,
+                                                                              monkeypatch, tmp_path, command):
     _edit_config(saved_adapter, lambda d: d["config"].update(dtype="int8"))
-    err = _cli_error(capsys, ["generate", "--model", str(tiny_model_dir), "--adapter", str(saved_adapter),
-                              "--prompt", "Hello"])
+    monkeypatch.setattr(loramoe.models, "load", lambda *a, **k: pytest.fail("the model loaded first"))
+    err = _cli_error(capsys, [*command, "--model", str(tiny_model_dir), "--adapter", str(saved_adapter),
+                              *(["--output", str(tmp_path / "eval")] if command[0] == "eval" else [])])
     assert f"{CONFIG_NAME}: field 'config.dtype': {DTYPES}, got 'int8'" in err
 
 

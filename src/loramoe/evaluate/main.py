@@ -26,7 +26,7 @@ from loramoe.fileio import atomic_write_text, ensure_writable_folder
 from loramoe.forgetting import distribution_shift, knowledge_change, parameter_drift, summarize_drift
 from loramoe.generation import generate
 from loramoe.metrics import lm_loss, per_item, score
-from loramoe.serialization import load_adapter
+from loramoe.serialization import load_adapter, read_adapter_config
 from loramoe.suites import filter_overlap
 from loramoe.suites.base import Benchmark, PromptStyle
 from loramoe.suites.registry import BENCHMARKS, Limit, load_benchmarks, suite_names
@@ -199,6 +199,8 @@ def evaluate(
     benchmarks = load_benchmarks(suite, limit, seed)
     overlap = _without_overlap(benchmarks, train_data) if train_data else {}
     saved_base = _read_base_eval(base_eval, benchmarks) if base_eval is not None else None
+    if adapter is not None:
+        read_adapter_config(adapter)  # a bad config is refused before the model loads, not after
     torch.manual_seed(seed)
     tuned, tokenizer = models.load(model, trust_remote_code=trust_remote_code)
     if adapter is not None:

@@ -28,7 +28,7 @@ from loramoe.generate.routing_strip import render, token_shares
 from loramoe.generation import answer_end, stop_token_ids
 from loramoe.inference import eval_mode
 from loramoe.routing import capture_routing
-from loramoe.serialization import CONFIG_NAME, load_adapter
+from loramoe.serialization import CONFIG_NAME, load_adapter, read_adapter_config
 
 
 def read_prompts(file: Path) -> list[list[dict[str, str]]]:
@@ -67,6 +67,8 @@ def load_for_generation(model: str, adapter: Path | None, trust_remote_code: boo
         hint = (" (it holds a full model: pass it as --model)" if (Path(adapter) / "config.json").is_file()
                 else "")
         raise MissingFileError(f"--adapter {adapter}: no {CONFIG_NAME} there{hint}")
+    if adapter is not None:
+        read_adapter_config(adapter)  # a bad config is refused before the model loads, not after
     loaded, tokenizer = models.load(model, trust_remote_code=trust_remote_code)
     if adapter is not None:
         load_adapter(loaded, adapter)
