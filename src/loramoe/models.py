@@ -12,8 +12,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -23,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from loramoe import quantized
-from loramoe.errors import MissingFileError
+from loramoe.errors import MissingFileError, UsageError
 from loramoe.fileio import umask_mode
 
 
@@ -126,13 +129,32 @@ def _not_loadable(name_or_path: str, source: str, error: OSError) -> MissingFile
     return MissingFileError(f"--model {name_or_path}: {where}, and loading it failed: {first}")
 
 
+@contextmanager
+def _refusals(name_or_path: str, source: str, trust_remote_code: bool) -> Iterator[None]:
+    """transformers' refusals of a model, as one line naming the reason and the way out."""
+    try:
+        yield
+    except OSError as e:
+        raise _not_loadable(name_or_path, source, e) from e
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met something other than tensors
+        local = sorted(p.name for p in Path(source).glob("*.bin")) if Path(source).is_dir() else []
+        files = ", ".join(local) or "its .bin weights"
+        raise UsageError(f"--model {name_or_path}: {files} holds pickled Python objects besides tensors, "
+                         "which could run code when read, so nothing was loaded; if you trust the file, load it "
+                         "with torch.load(weights_only=False) and save the model as safetensors") from e
+    except ValueError as e:
+        if trust_remote_code or "trust_remote_code" not in str(e):
+            raise
+        raise UsageError(f"--model {name_or_path}: its configuration (auto_map) asks to run the model's own "
+                         "Python code, and nothing ran; pass --trust-remote-code (trust_remote_code=True) only if "
+                         "you trust that code") from e
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer :func:`load` gives with the model (a pad token set to EOS where it has none)."""
     source = _source(name_or_path)
-    try:
+    with _refusals(name_or_path, source, trust_remote_code):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise _not_loadable(name_or_path, source, e) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -142,7 +164,9 @@ def load(name_or_path: str, *, dtype: torch.dtype | str | None = None, device: s
          trust_remote_code: bool = False, quantize: str | None = None,
          ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(model, tokenizer)`` for an embedded model name (see ``EMBEDDED``), a local folder or a
-    Hugging Face hub id. ``dtype`` defaults to float32; remote code runs only if asked for.
+    Hugging Face hub id. ``dtype`` defaults to float32; remote code runs only if asked for: a model
+    whose config asks for its own code without ``trust_remote_code``, or whose ``.bin`` weights hold
+    pickled objects besides tensors, is refused with a :class:`UsageError`.
 
     ``quantize`` ``"4bit"`` (NF4, each matmul in ``dtype``) or ``"8bit"`` (LLM.int8()) loads the
     linear layers quantized by bitsandbytes (the ``loramoe[quant]`` extra), the output embeddings
@@ -159,11 +183,9 @@ def load(name_or_path: str, *, dtype: torch.dtype | str | None = None, device: s
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
         # a quantized model cannot be moved once loaded: it is loaded in place
         options = {"quantization_config": quantized.quantization_config(quantize, compute), "device_map": {"": device}}
-    try:
+    with _refusals(name_or_path, source, trust_remote_code):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      **options)
-    except OSError as e:
-        raise _not_loadable(name_or_path, source, e) from e
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     if name_or_path in EMBEDDED:
         model.config._name_or_path = name_or_path
