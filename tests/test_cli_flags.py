@@ -153,6 +153,12 @@ def test_lab_config_with_an_unknown_key(bad_configs, capsys):
     assert "unknown key 'bogus_key'" in _one_line_error(capsys, ["lab", "--config", "unknown.yaml"])
 
 
+def test_config_with_the_paper_name_and_ours_names_the_file(bad_configs, capsys):
+    (bad_configs / "both.yaml").write_text("num_experts: 4\nlora_nums: 2\n")
+    assert _one_line_error(capsys, ["train", "--config", "both.yaml"]).startswith(
+        "loramoe: error: --config both.yaml, line 2: both 'lora_nums' (the paper code's name) and 'num_experts'")
+
+
 def test_config_that_holds_no_settings(bad_configs, capsys):
     (bad_configs / "list.yaml").write_text("- max_steps\n")
     assert "holds a list, not settings" in _one_line_error(capsys, ["train", "--config", "list.yaml"])

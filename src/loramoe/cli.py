@@ -183,6 +183,10 @@ def _check_config(command: str, given: str) -> None:
         hint = f"did you mean '{close[0]}'?" if close else f"loramoe {command} --help lists the settings"
         at = f", line {lines[str(key)]}" if str(key) in lines else ""
         raise UsageError(f"{where}{at}: unknown key '{key}' for loramoe {command}; {hint}")
+    for theirs, ours in PAPER_ALIASES.items():
+        if theirs in settings and ours in settings:
+            raise UsageError(f"{where}, line {lines.get(theirs, '?')}: both '{theirs}' (the paper code's name) and "
+                             f"'{ours}' are set; keep one")
 
 
 def _check_configs(args: list[str]) -> None:
