@@ -89,6 +89,16 @@ def test_quick_lab_end_to_end(tmp_path):
         assert len(arm["path"]["steps"]) == quick.score.points + 1 and arm["train_seconds"] > 0
         assert arm["end"]["skill"]["estimate"] > 0  # every arm learns the tasks
     for contrast in results["contrasts"]:
-        for measure in ("gold_logprob", "mc"):
+        for measure in ("gold_logprob", "mc", "gold_share", "mc_norm"):
             assert contrast[measure]["low"] <= contrast[measure]["estimate"] <= contrast[measure]["high"]
+    for arm in results["arms"].values():
+        for measure in ("gold_share", "mc_norm"):
+            assert arm["end"][measure]["low"] <= arm["end"][measure]["estimate"] <= arm["end"][measure]["high"]
+    assert results["base"]["gold_share"] < 0 and 50 < results["base"]["mc_norm"] < 100
+    length = results["length_only"]
+    assert list(length["per_relation"]) == list(results["probe"]["facts_per_relation"])
+    for relation, row in length["per_relation"].items():
+        assert 0 <= row["length_only_mc"] <= 100 and row["gold_tokens"] >= 1
+        assert row["base_mc"] == pytest.approx(results["base"]["per_relation_mc"][relation])
+    assert length["all"]["base_mc"] == pytest.approx(results["base"]["mc"])
     assert "router" in results["arms"]["loramoe-lbc"]

@@ -55,12 +55,16 @@ def test_the_report_holds_every_arm_contrast_and_only_numbers_of_results_json(ti
     assert saved["arms"]["loramoe-lbc"]["runs"] == ["loramoe-lbc-s0", "loramoe-lbc-s1"]
     for arm in saved["arms"].values():
         assert arm["path"]["steps"] == [0, 2, 4] and arm["path"]["skill"][0] == 0.0  # log-spaced: 4 ** (1/2), 4
-        for measure in ("gold_logprob", "mc", "skill"):
+        for measure in ("gold_logprob", "mc", "gold_share", "mc_norm", "skill"):
             end = arm["end"][measure]
             assert end["low"] <= end["estimate"] <= end["high"]
     assert [c["name"] for c in saved["contrasts"]] == ["backbone", "mixture"]
     for contrast in saved["contrasts"]:
-        assert contrast["mc"]["verdict"] in ("higher", "lower", "no detectable difference", "not measurable")
+        for measure in ("mc", "gold_share", "mc_norm"):
+            assert contrast[measure]["verdict"] in ("higher", "lower", "no detectable difference", "not measurable")
+    length = saved["length_only"]
+    assert list(length["per_relation"]) == list(saved["probe"]["facts_per_relation"])
+    assert length["all"]["facts"] == saved["probe"]["facts"]
     router = saved["arms"]["loramoe-lbc"]["router"]
     assert router["steps"] == [2, 4] and len(router["own_group_share"]["knowledge"]) == 2
     assert len(router["final_per_layer"]["task"]["task"]) == 2  # two layers

@@ -7,6 +7,7 @@
 | ``mix`` | the instruction mix from the built-in suites |
 | ``probe`` | the questions: held-out facts with distractors, task items, chat and free-answer subsets |
 | ``scoring`` | one model at one point: format-free knowledge, task loss, router, free answers |
+| ``measures`` | the knowledge measures per fact from the scored choices; the length-only baseline |
 | ``runs`` | arms x seeds, cached by hash; each trained and scored along its training |
 | ``stats`` | paths, knowledge at equal skill, paired bootstrap intervals (numpy) |
 | ``results`` | from the scored points to results.json: contrasts, verdicts, regime |

@@ -23,6 +23,7 @@ from loramoe.errors import UsageError
 from loramoe.fileio import atomic_write_text, ensure_writable_folder
 from loramoe.folder_lock import hold
 from loramoe.lab.config import DEFAULT_CONFIG, load_config
+from loramoe.lab.measures import candidate_lengths
 from loramoe.lab.mix import build_mix
 from loramoe.lab.probe import build_probe
 from loramoe.lab.report import render
@@ -38,7 +39,7 @@ from loramoe.lab.runs import (
     score_base,
     scoring_key,
 )
-from loramoe.models import EMBEDDED, embedded_model_dir
+from loramoe.models import EMBEDDED, embedded_model_dir, load_tokenizer
 
 RUN_SECONDS = 5.0
 """Loading the model and data for one run."""
@@ -138,13 +139,15 @@ def lab(
                            f"task loss {sum(last['task_loss']) / len(last['task_loss']):.3f} "
                            f"(base {sum(base['task_loss']) / len(base['task_loss']):.3f})")
         progress.close()
+        # measured here, not stored in the points: runs cached before the length measures need no rescoring
+        lengths = candidate_lengths(load_tokenizer(settings.model), probe, base["gold"])
         results: dict[str, Any] = {
             "lab": {"version": version("loramoe"), "model": settings.model, "sources": settings.sources,
                     "runs": len(runs),
                     "seconds": round(time.time() - started, 1), "settings": asdict(settings),
                     "run_seconds": {r["name"]: r["seconds"] for r in records}},
             "mix": mix.counts,
-            **build(settings, probe, base, records, points),
+            **build(settings, probe, base, records, points, lengths),
         }
         atomic_write_text(output / "results.json", json.dumps(results, indent=2) + "\n")
         md, html = render(results, output)

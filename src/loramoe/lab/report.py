@@ -1,7 +1,7 @@
 """The lab's report from ``results.json`` alone: ``report.md`` with PNG figures beside it, and
 ``report.html``, the same report with the figures embedded (one file to mail around).
 
-Figures: each arm's path in the knowledge-skill plane (both knowledge measures, seeds drawn thin,
+Figures: each arm's path in the knowledge-skill plane (every knowledge measure, seeds drawn thin,
 the equal-skill levels dotted), and the LoRAMoE routers' own-group share per layer. Plots with
 matplotlib, HTML with python-markdown.
 """
@@ -34,7 +34,15 @@ def signed(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else ("+" if value >= 0 else "") + fmt(value, digits)
 
 
-UNITS = {"gold_logprob": ("gold log-probability", "nats", 3), "mc": ("multiple choice", "points", 1)}
+UNITS = {"gold_logprob": ("gold log-probability", "nats", 3), "mc": ("multiple choice", "points", 1),
+         "gold_share": ("gold log-probability normalised over the choices", "nats", 3),
+         "mc_norm": ("multiple choice, length-normalised (lm-eval acc_norm)", "points", 1)}
+"""Per knowledge measure: its name in the report, its unit and the digits it is printed with."""
+HEADERS = " | ".join(f"{label} ({unit})" for label, unit, _ in UNITS.values())
+
+
+def _cells(results_by_measure: dict[str, dict[str, Any]]) -> str:
+    return " | ".join(ci(results_by_measure[m], digits) for m, (_, _, digits) in UNITS.items())
 
 
 def ci(result: dict[str, Any], digits: int) -> str:
@@ -46,8 +54,8 @@ def ci(result: dict[str, Any], digits: int) -> str:
 
 def _trajectories(results: dict, path: Path) -> str:
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), layout="constrained")
-    for ax, measure in zip(axes, ("gold_logprob", "mc")):
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.6), layout="constrained")
+    for ax, measure in zip(axes.flat, UNITS):
         label, unit, _ = UNITS[measure]
         for name, arm in results["arms"].items():
             p = arm["path"]
@@ -61,9 +69,10 @@ def _trajectories(results: dict, path: Path) -> str:
             ax.axvline(level, color="grey", linestyle=":", linewidth=1)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xlabel("task skill: base task loss minus the model's (nats per token)")
-        ax.set_ylabel(f"{label}: change against the base ({unit})")
-        ax.set_title(f"{label} along training (dotted: equal-skill levels)", fontsize=10)
-    axes[0].legend(fontsize=7)
+        ax.set_ylabel(f"change against the base ({unit})")
+        ax.set_title(label, fontsize=10)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("Knowledge along training (dotted: the equal-skill levels)", fontsize=11)
     save_figure(fig, path)
     return path.name
 
@@ -158,33 +167,30 @@ def _equal_skill(results: dict) -> list[str]:
              f"reaches ({fmt(results['common_skill'], 3)} nats), i.e. "
              f"{', '.join(fmt(s, 3) for s in results['levels'])} nats. Each cell: estimate "
              f"[{fmt(results['constants']['interval_percent'])} % interval]."), "",
-             "| contrast | skill (nats) | gold log-probability (nats) | multiple choice (points) |",
-             "| --- | --- | --- | --- |"]
+             f"| contrast | skill (nats) | {HEADERS} |", "|" + " --- |" * (2 + len(UNITS))]
     eq = results["equal_skill"]
     for c in results["contrasts"]:
         key = f"{c['a']} vs {c['b']}"
         for i, level in enumerate(results["levels"]):
-            lines.append(f"| {c['name']} | {fmt(level, 3)} | {ci(eq['gold_logprob'][i]['contrasts'][key], 3)} | "
-                         f"{ci(eq['mc'][i]['contrasts'][key], 1)} |")
+            lines.append(f"| {c['name']} | {fmt(level, 3)} | "
+                         f"{_cells({m: eq[m][i]['contrasts'][key] for m in UNITS})} |")
     lines += ["", "Each arm's change against the base model at those levels:", "",
-              "| arm | skill (nats) | gold log-probability (nats) | multiple choice (points) |",
-              "| --- | --- | --- | --- |"]
+              f"| arm | skill (nats) | {HEADERS} |", "|" + " --- |" * (2 + len(UNITS))]
     for name in results["arms"]:
         for i, level in enumerate(results["levels"]):
-            lines.append(f"| {name} | {fmt(level, 3)} | {ci(eq['gold_logprob'][i]['arms'][name], 3)} | "
-                         f"{ci(eq['mc'][i]['arms'][name], 1)} |")
+            lines.append(f"| {name} | {fmt(level, 3)} | {_cells({m: eq[m][i]['arms'][name] for m in UNITS})} |")
     return lines
 
 
 def _ends(results: dict) -> list[str]:
     lines = ["## At the end of each run", "", ("Changes against the base model, paired by item, seeds pooled "
              f"(estimate [{fmt(results['constants']['interval_percent'])} % interval])."), "",
-             ("| arm | task skill (nats) | gold log-probability (nats) | multiple choice (points) | "
+             (f"| arm | task skill (nats) | {HEADERS} | "
              "chat answers right (points) | task answers, main metric (points) |"),
-             "| --- | --- | --- | --- | --- | --- |"]
+             "|" + " --- |" * (4 + len(UNITS))]
     for name, arm in results["arms"].items():
         e = arm["end"]
-        lines.append(f"| {name} | {ci(e['skill'], 3)} | {ci(e['gold_logprob'], 3)} | {ci(e['mc'], 1)} | "
+        lines.append(f"| {name} | {ci(e['skill'], 3)} | {_cells(e)} | "
                      f"{ci(arm['chat']['change'], 1)} | {ci(arm['generation']['change'], 1)} |")
     lines += ["", "### What a user sees: chat answers to the held-out facts", "",
               (f"A change of answer format (a sentence of {fmt(results['constants']['sentence_words'])} words or more "
@@ -205,6 +211,26 @@ def _ends(results: dict) -> list[str]:
               " | ".join(fmt(v) for v in results["base"]["per_relation_mc"].values()) + " |"]
     lines += [f"| {name} | " + " | ".join(fmt(arm["per_relation_mc"][r]) for r in relations) + " |"
               for name, arm in results["arms"].items()]
+    return lines
+
+
+def _length_only(results: dict) -> list[str]:
+    length = results["length_only"]
+    lines = ["## Does length alone predict the choice? (base model)", "",
+             ("Multiple choice sums each candidate's token log-probabilities, which favours candidates of "
+              "fewer tokens. *Length alone* scores every candidate by its token count only, fewest first, ties "
+              "shared evenly (a tie of three with the gold answer counts a third); next to it the base model's own "
+              "accuracy, summed and length-normalised (each sum divided by the answer's characters, as lm-eval's "
+              "acc_norm), and how often a length-only pick is the base model's own. Where length alone comes close "
+              f"to the base model, length could make the choice (chance: {fmt(length['chance'])} %)."), "",
+             ("| relation | facts | tokens: gold / others | characters: gold / others | length alone right (%) | "
+              "base right, summed (%) | base right, length-normalised (%) | base picks the length-only answer (%) |"),
+             "|" + " --- |" * 8]
+    for relation, row in [*length["per_relation"].items(), ("all", length["all"])]:
+        lines.append(f"| {relation} | {fmt(row['facts'])} | {fmt(row['gold_tokens'])} / "
+                     f"{fmt(row['distractor_tokens'])} | {fmt(row['gold_chars'])} / {fmt(row['distractor_chars'])} | "
+                     f"{fmt(row['length_only_mc'])} | {fmt(row['base_mc'])} | {fmt(row['base_mc_norm'])} | "
+                     f"{fmt(row['base_picks_length_only'])} |")
     return lines
 
 
@@ -244,7 +270,7 @@ def render(results: dict, folder: Path) -> tuple[Path, Path]:
              f"(cached runs count the time they took when they ran). Every number here is in results.json."), ""]
     lines += _design(results)
     lines += ["", "## Paths in the knowledge-skill plane", "", f"![trajectories]({images['trajectories']})", ""]
-    lines += _equal_skill(results) + [""] + _ends(results) + [""] + _routers(results)
+    lines += _equal_skill(results) + [""] + _ends(results) + [""] + _length_only(results) + [""] + _routers(results)
     if "router" in images:
         lines += ["", f"![router]({images['router']})"]
     text = "\n".join(lines) + "\n"

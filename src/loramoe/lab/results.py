@@ -3,9 +3,9 @@ report computes on its own.
 
 Measures (per item, so every comparison is paired by item):
 
-- ``gold_logprob``: log p(gold answer | statement) in nats; its change against the base model.
-- ``mc``: multiple choice among the gold answer and its distractors, right (100) or wrong (0): the
-  mean is an accuracy in percent.
+- knowledge (:mod:`loramoe.lab.measures`): ``gold_logprob`` and ``gold_share`` in nats, and
+  multiple choice summed (``mc``) and length-normalised (``mc_norm``), right (100) or wrong (0): the
+  mean is an accuracy in percent. Each as a change against the base model.
 - skill: the base model's task loss minus the model's (nats per token of the reference answers).
 
 The headline is knowledge at equal skill (:func:`loramoe.lab.stats.equal_skill`) at the levels
@@ -23,6 +23,7 @@ import numpy as np
 from loramoe.adapters import LoraMoEConfig
 from loramoe.errors import UsageError
 from loramoe.lab.config import LabConfig
+from loramoe.lab.measures import Lengths, fact_measures, length_table
 from loramoe.lab.probe import Probe
 from loramoe.lab.stats import (
     ArmData,
@@ -34,26 +35,22 @@ from loramoe.lab.stats import (
 )
 from loramoe.metrics import contains_answer, per_item
 
-MEASURES = ("gold_logprob", "mc")
+MEASURES = ("gold_logprob", "mc", "gold_share", "mc_norm")
+VERDICT_MEASURES = ("gold_logprob", "mc")
+"""The measures the regime and the verdict paragraph read; the others are reported beside them."""
 SENTENCE_WORDS = 4
 """An answer of at least this many words is a sentence ("The capital of Peru is Lima."), else short."""
 DETECTABLE_STDERRS = 2.8
 """A difference of this many standard errors is found by a two-sided 5 % test with 80 % power."""
 
 
-def _knowledge(point: dict[str, Any]) -> dict[str, np.ndarray]:
-    choices = point["choices"]
-    return {"gold_logprob": np.array([c[0] for c in choices]),
-            "mc": np.array([100.0 if c[0] > max(c[1:]) else 0.0 for c in choices])}
-
-
-def arm_data(base: dict[str, Any], seeds: Sequence[list[dict[str, Any]]]) -> ArmData:
+def arm_data(base: dict[str, Any], seeds: Sequence[list[dict[str, Any]]], lengths: Lengths) -> ArmData:
     """One arm's per-item arrays, the base point first in every seed's path."""
     paths = [[base, *points] for points in seeds]
     steps = [p["step"] for p in paths[0]]
     if any([p["step"] for p in path] != steps for path in paths):
         raise UsageError("the seeds of one arm were scored at different steps")
-    measured = [[_knowledge(p) for p in path] for path in paths]
+    measured = [[fact_measures(p, lengths) for p in path] for path in paths]
     knowledge = {m: np.stack([np.stack([k[m] for k in path]) for path in measured]) for m in MEASURES}
     loss = np.stack([np.stack([np.array(p["task_loss"]) for p in path]) for path in paths])
     return ArmData(steps, knowledge, loss)
@@ -109,20 +106,20 @@ def _router(points_by_seed: list[list[dict[str, Any]]], groups: list[str]) -> di
 
 
 def build(config: LabConfig, probe: Probe, base: dict[str, Any], records: list[dict[str, Any]],
-          points: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+          points: dict[str, list[dict[str, Any]]], lengths: Lengths) -> dict[str, Any]:
     """``results.json`` but its ``lab`` header, from the base point, the runs' ``lab_run.json``
-    records and their points (by run name)."""
+    records and their points (by run name), and the candidates' lengths."""
     by_arm: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         by_arm.setdefault(record["variant"], []).append(record)
-    arms = {name: arm_data(base, [points[r["name"]] for r in rs]) for name, rs in by_arm.items()}
+    arms = {name: arm_data(base, [points[r["name"]] for r in rs], lengths) for name, rs in by_arm.items()}
     n_facts, n_tasks = len(probe.facts), len(probe.tasks)
     draws = Draws.make(n_facts, n_tasks, config.score.bootstrap, config.seed)
     small = Draws.make(max(len(probe.chat), 1), max(len(probe.generation), 1), config.score.bootstrap, config.seed + 1)
     contrasts = [(c.a, c.b) for c in config.contrasts]
     equal = equal_skill(arms, contrasts, list(MEASURES), list(config.score.levels), draws)
     levels = [row["skill"] for row in equal[MEASURES[0]]]
-    base_know = _knowledge(base)
+    base_know = fact_measures(base, lengths)
     base_generation = _generation_scores(probe, base["generation"])
     out_arms = {}
     for name, rs in by_arm.items():
@@ -171,9 +168,10 @@ def build(config: LabConfig, probe: Probe, base: dict[str, Any], records: list[d
                   "task_items": n_tasks, "task_items_per_task": {t: sum(i.task == t for i in probe.tasks)
                                                                  for t in probe.task_names},
                   "chat_items": len(probe.chat), "generation_items": len(probe.generation)},
-        "base": {"mc": float(base_know["mc"].mean()), "gold_logprob": float(base_know["gold_logprob"].mean()),
+        "base": {**{m: float(base_know[m].mean()) for m in MEASURES},
                  "task_loss": float(np.mean(base["task_loss"])), "generation": float(base_generation.mean()),
                  "per_relation_mc": _per_relation(probe, base_know["mc"])},
+        "length_only": length_table(probe, base, lengths),
         "common_skill": common_skill(arms), "levels": levels, "level_shares": list(config.score.levels),
         "arms": out_arms, "equal_skill": equal, "contrasts": named,
         "regime": _regime(out_arms),
@@ -196,7 +194,7 @@ def _regime(arms: dict[str, Any]) -> dict[str, Any] | None:
         return None
     end = arms[full]["end"]
     return {"arm": full, "gold_logprob": end["gold_logprob"], "mc": end["mc"],
-            "forgets": {m: verdict(end[m]) == "lower" for m in MEASURES}}
+            "forgets": {m: verdict(end[m]) == "lower" for m in VERDICT_MEASURES}}
 
 
 def _detectable(contrasts: list[dict[str, Any]]) -> dict[str, float | None]:

@@ -43,8 +43,14 @@ def _to_score(model: nn.Module, precision: str) -> nn.Module:
     return deepcopy(model).to(torch.bfloat16) if precision == "bf16" else model
 
 
-def _answer_ids(tokenizer, answer: str) -> list[int]:
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    """The tokens a candidate answer is scored as: after a space, as it follows its statement."""
     return tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+
+
+def candidates(probe: Probe, gold: list[str]) -> list[tuple[str, ...]]:
+    """Per fact, the answers multiple choice is among: the gold answer first, then the distractors."""
+    return [(g, *f.distractors) for f, g in zip(probe.facts, gold)]
 
 
 def _statement_ids(tokenizer, probe: Probe) -> list[list[int]]:
@@ -55,7 +61,7 @@ def choose_gold(model: nn.Module, tokenizer, probe: Probe, *, batch_size: int, p
     """Per fact, the alias (of its first ``ALIASES``) the model gives the highest log-probability."""
     options = [f.aliases[:ALIASES] for f in probe.facts]
     scored = continuation_logprobs(_to_score(model, precision), _statement_ids(tokenizer, probe),
-                                   [[_answer_ids(tokenizer, a) for a in o] for o in options],
+                                   [[answer_ids(tokenizer, a) for a in o] for o in options],
                                    pad_id=tokenizer.pad_token_id, batch_size=batch_size)
     return [o[max(range(len(o)), key=lambda j: sum(lp[j]))] for o, lp in zip(options, scored.logprobs)]
 
@@ -95,7 +101,7 @@ def score_point(model: nn.Module, tokenizer, probe: Probe, gold: list[str], *, s
     scored_model = _to_score(model, precision)
     facts = continuation_logprobs(
         scored_model, _statement_ids(tokenizer, probe),
-        [[_answer_ids(tokenizer, a) for a in (g, *f.distractors)] for f, g in zip(probe.facts, gold)],
+        [[answer_ids(tokenizer, a) for a in c] for c in candidates(probe, gold)],
         pad_id=pad, batch_size=batch_size, prompt_routing=routed)
     prompts, answers = _task_sequences(tokenizer, probe)
     tasks = continuation_logprobs(scored_model, prompts, [[a] for a in answers], pad_id=pad,
