@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
-import os
 import re
 import sys
 import typing
@@ -23,7 +22,7 @@ from jsonargparse import auto_cli, set_loader
 
 from loramoe.convert import convert
 from loramoe.demo import run_demo
-from loramoe.errors import LoramoeError, MissingFileError, UsageError
+from loramoe.errors import MissingFileError, UsageError, debug_requested, one_line_errors
 from loramoe.evaluate import evaluate
 from loramoe.generate import generate
 from loramoe.lab import lab
@@ -206,22 +205,15 @@ def main(argv: list[str] | None = None) -> None:
     on the line, or ``LORAMOE_DEBUG=1`` lets them show their traceback. Other exceptions are bugs,
     and show theirs."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("LORAMOE_DEBUG", "").lower() not in ("", "0", "false", "no")
+    debug = "--debug" in argv or debug_requested()
     argv = [arg for arg in argv if arg != "--debug"]
     set_loader("loramoe_yaml", _load_config)
-    try:
+    with one_line_errors(debug, "--debug shows where"):
         args = _normalise_flags(_positionals(argv))
         _check_configs(args)
         if args[:1] == ["lab"]:  # the lab's settings file is not a file of its flags (jsonargparse's --config)
             args = [re.sub(r"^--config(?==|$)", "--lab_config", arg) for arg in args]
         auto_cli(COMMANDS, args=args, as_positional=False, parser_mode="loramoe_yaml")
-    except LoramoeError as error:
-        if debug:
-            raise
-        message = " ".join(str(error).split("\n"))
-        print(f"loramoe: error: {message} (--debug shows where)", file=sys.stderr)
-        sys.exit(1)
-
 
 if __name__ == "__main__":
     main()

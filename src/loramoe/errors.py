@@ -9,6 +9,11 @@ so ``except ValueError`` keeps working.
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class LoramoeError(Exception):
     """Bad input or setup, fully explained by the message."""
@@ -33,3 +38,22 @@ class OutputFolderError(LoramoeError, FileExistsError):
 
 class MissingPackageError(LoramoeError, ImportError):
     """An optional package the run asks for is not installed; the message names the extra to install."""
+
+
+def debug_requested() -> bool:
+    """Whether ``LORAMOE_DEBUG`` asks for tracebacks of the project's own errors."""
+    return os.environ.get("LORAMOE_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
+@contextmanager
+def one_line_errors(debug: bool, how_to_debug: str) -> Iterator[None]:
+    """A command's body: the project's own errors print as ``loramoe: error: <message>`` on one line
+    and exit 1, unless ``debug`` (then their traceback shows); ``how_to_debug`` ends the line."""
+    try:
+        yield
+    except LoramoeError as error:
+        if debug:
+            raise
+        message = " ".join(str(error).split("\n"))
+        print(f"loramoe: error: {message} ({how_to_debug})", file=sys.stderr)
+        sys.exit(1)

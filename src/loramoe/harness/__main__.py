@@ -6,25 +6,16 @@ shows their traceback."""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import loramoe.harness  # noqa: F401  (registers the model `loramoe`)
-from loramoe.errors import LoramoeError
+from loramoe.errors import debug_requested, one_line_errors
 
 
 def main() -> None:
     # imported after loramoe.harness, which names the extra to install where lm-eval is missing
     from lm_eval.__main__ import cli_evaluate
 
-    try:
+    with one_line_errors(debug_requested(), "LORAMOE_DEBUG=1 shows where"):
         cli_evaluate()
-    except LoramoeError as error:
-        if os.environ.get("LORAMOE_DEBUG", "").lower() not in ("", "0", "false", "no"):
-            raise
-        message = " ".join(str(error).split("\n"))
-        print(f"loramoe: error: {message} (LORAMOE_DEBUG=1 shows where)", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":
