@@ -21,6 +21,7 @@ from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import adapter_config, disabled_adapters
 from loramoe.data import read_records
 from loramoe.errors import OutputFolderError, UsageError
+from loramoe.evaluate.harness_export import export_probe
 from loramoe.evaluate.router_analysis import gate_shares, group_share, save_gate_shares
 from loramoe.fileio import atomic_write_text, ensure_writable_folder
 from loramoe.forgetting import distribution_shift, knowledge_change, parameter_drift, summarize_drift
@@ -168,6 +169,7 @@ def evaluate(
     seed: int = 0,
     trust_remote_code: bool = False,
     overwrite: bool = False,
+    export_harness: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on built-in benchmark suites and write eval.json and eval.md to ``output``.
 
@@ -192,7 +194,14 @@ def evaluate(
         seed: seed of the train/test split.
         trust_remote_code: allow a hub model's own code to run.
         overwrite: replace the earlier evaluation in ``output``.
+        export_harness: write the lab's knowledge probe there as lm-eval tasks, gold answers chosen
+            by ``model``, and stop (:mod:`loramoe.evaluate.harness_export`).
     """
+    if export_harness is not None:
+        written = export_probe(Path(export_harness), model, overwrite=overwrite, trust_remote_code=trust_remote_code)
+        print(f"wrote {export_harness}: {sum(written['facts'].values())} facts; run: lm_eval --model hf --model_args "
+              f"pretrained=MODEL --include_path {export_harness} --tasks loramoe_probe")
+        return written
     started = time.time()
     _check_limit(limit)
     output = _check_output(Path(output), overwrite)  # before the generation it would store
