@@ -26,12 +26,13 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import loramoe.lab.probe as probes
 from loramoe import models
 from loramoe.errors import OutputFolderError
 from loramoe.fileio import atomic_write_text, ensure_writable_folder
 from loramoe.lab.config import LabConfig, load_config
 from loramoe.lab.mix import build_mix
-from loramoe.lab.probe import Probe, build_probe
+from loramoe.lab.probe import Probe
 from loramoe.lab.scoring import candidates, choose_gold
 
 GROUP = "loramoe_probe"
@@ -65,11 +66,7 @@ def lab_probe(settings: LabConfig) -> Probe:
     """The probe ``loramoe lab`` builds with ``settings``: its mix is built only to keep out the
     facts it gives away, so it goes to a temporary folder."""
     with tempfile.TemporaryDirectory() as folder:
-        mix = build_mix(settings.mix, Path(folder), settings.seed)
-        s = settings.score
-        return build_probe(relations=settings.mix.knowledge, tasks=settings.mix.tasks, mix_file=mix.path,
-                           seed=settings.seed, choices=s.choices, task_items=s.task_items, chat_items=s.chat_items,
-                           generation_items=s.generation_items, max_context_chars=settings.mix.max_context_chars)
+        return probes.lab_probe(settings, build_mix(settings.mix, Path(folder), settings.seed).path)
 
 
 def _yaml(lines: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ from loramoe.folder_lock import hold
 from loramoe.lab.config import DEFAULT_CONFIG, load_config
 from loramoe.lab.measures import candidate_lengths
 from loramoe.lab.mix import build_mix
-from loramoe.lab.probe import build_probe
+from loramoe.lab.probe import lab_probe
 from loramoe.lab.report import render
 from loramoe.lab.results import build
 from loramoe.lab.runs import (
@@ -104,10 +104,7 @@ def lab(
     output = ensure_writable_folder(output, "--output")  # before hours of work, not after
     with hold(output, "--output", "lab"):  # two labs in one folder would train the same runs over each other
         mix = build_mix(settings.mix, output / "mix", settings.seed)
-        s = settings.score
-        probe = build_probe(relations=settings.mix.knowledge, tasks=settings.mix.tasks, mix_file=mix.path,
-                            seed=settings.seed, choices=s.choices, task_items=s.task_items, chat_items=s.chat_items,
-                            generation_items=s.generation_items, max_context_chars=settings.mix.max_context_chars)
+        probe = lab_probe(settings, mix.path)
         key = scoring_key(settings, probe)
         runs = plan(settings, mix, key)
         if settings.model in EMBEDDED:  # once per machine, and not part of the pace the time left is drawn from

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from loramoe.data import read_records
 from loramoe.errors import UsageError
+from loramoe.lab.config import LabConfig
 from loramoe.suites import filter_overlap, load_benchmark
 from loramoe.suites.base import Example, Metric, take
 from loramoe.suites.registry import BENCHMARKS, mix_names
@@ -122,3 +123,11 @@ def build_probe(*, relations: list[str], tasks: list[str], mix_file: Path, seed:
     if not facts or not items:
         raise UsageError("the probe holds no held-out fact or no task item; check mix.knowledge and mix.tasks")
     return Probe(facts, items, chat, generation, removed)
+
+
+def lab_probe(settings: LabConfig, mix_file: Path) -> Probe:
+    """The probe ``loramoe lab`` asks with ``settings``, given the mix it built (whose facts it keeps out)."""
+    s = settings.score
+    return build_probe(relations=settings.mix.knowledge, tasks=settings.mix.tasks, mix_file=mix_file,
+                       seed=settings.seed, choices=s.choices, task_items=s.task_items, chat_items=s.chat_items,
+                       generation_items=s.generation_items, max_context_chars=settings.mix.max_context_chars)
