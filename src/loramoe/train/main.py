@@ -35,11 +35,13 @@ from loramoe.fileio import atomic_write_text, ensure_writable_folder
 from loramoe.folder_lock import hold
 from loramoe.serialization import load_adapter, read_adapter_config
 from loramoe.train.run_folder import (
+    FINAL_STAGING,
     RUN_NAMES,
     check_resume,
     clear,
     data_hash,
     prepare_output,
+    publish,
     record_names,
     run_identity,
 )
@@ -73,27 +75,10 @@ def _precision(precision: Precision) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-FINAL_STAGING = ".final"
-"""Where the final adapter or model is written before its files take their names in the run folder."""
-
-
 def _main_process() -> bool:
     # the main process alone writes the run folder, and holds it; ``accelerate launch`` and
     # ``torchrun`` number the processes in RANK
     return os.environ.get("RANK", "0") == "0"
-
-
-def _publish(staging: Path, output: Path) -> None:
-    """Move what ``staging`` holds into ``output``, each name recorded in the run's manifest before
-    it appears there (see :mod:`loramoe.train.run_folder`)."""
-    names = sorted(p.name for p in staging.iterdir())
-    record_names(output, names)
-    for name in names:
-        target = output / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(staging / name, target)
-    staging.rmdir()
 
 
 def train(
@@ -292,7 +277,7 @@ def train(
         if trainer.args.should_save:
             if overwrite and held:
                 clear(output)  # only now: a run refused above leaves the old one as it was
-            record_names(output, [*RUN_NAMES, FINAL_STAGING])
+            record_names(output, RUN_NAMES)
             atomic_write_text(output / "train_config.yaml", yaml.safe_dump(saved_config(settings), sort_keys=False))
         trainer.accelerator.wait_for_everyone()
         if last_checkpoint is not None and finished_checkpoint(last_checkpoint):
@@ -313,7 +298,7 @@ def train(
         if trainer.args.should_save:
             if method == "full":
                 tokenizer.save_pretrained(staging)
-            _publish(staging, output)
+            publish(staging, output)
         history = [entry for entry in trainer.state.log_history if "loss" in entry]
         last = history[-1] if history else {}
         summary = {

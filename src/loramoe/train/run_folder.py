@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,7 +33,9 @@ from loramoe.folder_lock import LOCK_FILE
 
 MANIFEST = "run_manifest.json"
 """The list of names a run wrote (or was about to write) at the top of its folder."""
-RUN_NAMES = ("train_config.yaml", "train_summary.json", "checkpoints", "logs")
+FINAL_STAGING = ".final"
+"""Where the final adapter or model is written before its files take their names in the run folder."""
+RUN_NAMES = ("train_config.yaml", "train_summary.json", "checkpoints", "logs", FINAL_STAGING)
 """What every run writes besides its final adapter or model, whose names it records as it saves them."""
 
 NOT_IDENTITY = {"data", "val_data", "columns", "output", "resume", "overwrite", "logging_steps", "save_steps",
@@ -99,6 +102,26 @@ def record_names(output: Path, names: Sequence[str]) -> None:
         atomic_write_text(output / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
+def publish(staging: Path, output: Path) -> None:
+    """Move what ``staging`` holds into ``output``, each name recorded in the manifest before it
+    appears there."""
+    names = sorted(p.name for p in staging.iterdir())
+    record_names(output, names)
+    for name in names:
+        target = output / name
+        if target.is_dir() and not target.is_symlink():  # a file is replaced in one step by os.replace
+            _remove(target)
+        os.replace(staging / name, target)
+    staging.rmdir()
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink(missing_ok=True)
+
+
 def _shown(names: Sequence[str]) -> str:
     return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
@@ -132,13 +155,8 @@ def clear(output: Path) -> None:
     """Delete what the run in ``output`` wrote (``--overwrite``, once the new run's input has been
     checked), its manifest last so that a kill half-way leaves the rest listed."""
     for name in read_manifest(output) or []:
-        entry = output / name
-        if name == MANIFEST:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink(missing_ok=True)
+        if name != MANIFEST:
+            _remove(output / name)
     (output / MANIFEST).unlink(missing_ok=True)
 
 
