@@ -42,13 +42,23 @@ PAPER_ALIASES = {"lora_nums": "num_experts", "blc_alpha": "balance_delta", "blc_
 """Config keys of the paper's code (Ablustrund/LoRAMoE), read as ours."""
 
 
+def _alias_clash(config: dict) -> tuple[str, str] | None:
+    """A key of the paper's code and ours for the same setting, both given."""
+    return next(((theirs, ours) for theirs, ours in PAPER_ALIASES.items() if theirs in config and ours in config),
+                None)
+
+
+def _clash_message(clash: tuple[str, str]) -> str:
+    return f"both '{clash[0]}' (the paper code's name) and '{clash[1]}' are set; keep one"
+
+
 def _load_config(text: str) -> Any:
     config = _underscored(yaml.safe_load(text))
     if isinstance(config, dict):
+        if clash := _alias_clash(config):
+            raise UsageError(f"config: {_clash_message(clash)}")
         for theirs, ours in PAPER_ALIASES.items():
             if theirs in config:
-                if ours in config:
-                    raise UsageError(f"config: both '{theirs}' (the paper code's name) and '{ours}' are set; keep one")
                 print(f"loramoe: note: config key '{theirs}' is read as '{ours}'", file=sys.stderr)
                 config[ours] = config.pop(theirs)
     return config
@@ -182,10 +192,8 @@ def _check_config(command: str, given: str) -> None:
         hint = f"did you mean '{close[0]}'?" if close else f"loramoe {command} --help lists the settings"
         at = f", line {lines[str(key)]}" if str(key) in lines else ""
         raise UsageError(f"{where}{at}: unknown key '{key}' for loramoe {command}; {hint}")
-    for theirs, ours in PAPER_ALIASES.items():
-        if theirs in settings and ours in settings:
-            raise UsageError(f"{where}, line {lines.get(theirs, '?')}: both '{theirs}' (the paper code's name) and "
-                             f"'{ours}' are set; keep one")
+    if clash := _alias_clash(settings):
+        raise UsageError(f"{where}, line {lines.get(clash[0], '?')}: {_clash_message(clash)}")
 
 
 def _check_configs(args: list[str]) -> None:

@@ -66,8 +66,8 @@ class Record:
 
 
 def record_content(record: Record) -> bytes:
-    """A record's conversation and type as bytes: what hashing a record (the run's data hash, the
-    validation split) must see, and nothing of where it came from."""
+    """A record's conversation and type as bytes: what the run's data hash must see, and nothing of
+    where it came from (the validation split groups records by their conversation alone)."""
     return json.dumps([record.messages, record.type], sort_keys=True).encode()
 
 
