@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from loramoe.cli import main as cli_main
 from loramoe.lab import lab
 from loramoe.lab.config import LabConfigError, load_config
 from loramoe.lab.mix import build_mix
-from loramoe.lab.probe import build_probe
+from loramoe.lab.probe import build_probe, lab_probe
+from loramoe.lab.verdicts import VERDICTS
 from tests.conftest import save_tiny
 from tests.lab_checks import check_report
 
@@ -39,12 +41,18 @@ def tiny_lab(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("lab")
+    cache = os.environ.get("LORAMOE_CACHE")
+    os.environ["LORAMOE_CACHE"] = str(root / "cache")  # the pace file a lab keeps stays in the test's folder
     save_tiny(root / "model")
     config = root / "lab.yaml"
     config.write_text(TINY.format(model=root / "model"))
     results = lab(lab_config=config, output=root / "out")
     yield root, config, results
     torch.set_num_threads(threads)
+    if cache is None:
+        os.environ.pop("LORAMOE_CACHE")
+    else:
+        os.environ["LORAMOE_CACHE"] = cache
 
 
 def test_the_report_holds_every_arm_contrast_and_only_numbers_of_results_json(tiny_lab):
@@ -61,14 +69,15 @@ def test_the_report_holds_every_arm_contrast_and_only_numbers_of_results_json(ti
     assert [c["name"] for c in saved["contrasts"]] == ["backbone", "mixture"]
     for contrast in saved["contrasts"]:
         for measure in ("mc", "gold_share", "mc_norm"):
-            assert contrast[measure]["verdict"] in ("higher", "lower", "no detectable difference", "not measurable")
+            assert contrast[measure]["verdict"] in VERDICTS
     length = saved["length_only"]
     assert list(length["per_relation"]) == list(saved["probe"]["facts_per_relation"])
     assert length["all"]["facts"] == saved["probe"]["facts"]
     router = saved["arms"]["loramoe-lbc"]["router"]
     assert router["steps"] == [2, 4] and len(router["own_group_share"]["knowledge"]) == 2
     assert len(router["final_per_layer"]["task"]["task"]) == 2  # two layers
-    assert saved["regime"]["arm"] == "full" and saved["probe"]["facts"] > 100
+    assert saved["regime"]["full"] == "full" and saved["probe"]["facts"] > 100
+    assert set(saved["regime"]["arms"]["lora"]["lost"]) == {"gold_share", "mc", "mc_norm"}
     assert saved["arms"]["full"]["trainable_parameters"] > saved["arms"]["loramoe-lbc"]["trainable_parameters"]
     full_runs = [p for p in (root / "out" / "runs").iterdir() if p.name.startswith("full-")]
     assert full_runs and not any((p / "model.safetensors").exists() for p in full_runs)  # weights dropped
@@ -131,9 +140,10 @@ def test_cli_runs_the_lab_and_writes_a_config_to_copy(tiny_lab, tmp_path):
 
 def test_settings_merge_file_then_profile():
     default = load_config()
-    assert list(default.variants) == ["full", "lora", "loramoe", "loramoe-lbc", "loramoe-route"]
-    assert [c.name for c in default.contrasts][:2] == ["constraint", "mixture"]
-    assert all(len(default.seeds(v)) >= 2 for v in default.variants if v.startswith("loramoe"))
+    assert list(default.variants) == ["full", "lora", "loramoe-lbc", "loramoe-route"]
+    assert default.contrasts[0].name == "mixture with constraint vs LoRA"
+    assert {tuple(default.seeds(v)) for v in default.variants} == {(0, 1, 2)}  # every arm, paired by seed
+    assert default.score.verdict_level in default.score.levels and default.score.verdict_level < 1
     quick = load_config(profile="quick")
     assert quick.mix.records < default.mix.records and quick.mix.templates == default.mix.templates
     assert quick.sources == ["lab.yaml (shipped)", "profile quick"] and quick.score.points == default.score.points
@@ -161,6 +171,12 @@ def test_a_user_file_merges_mappings_and_replaces_variants(tmp_path):
     ("mix: {knowledge_share: 1.5}\n", "knowledge_share"),
     ("score: {precision: fp8}\n", "score.precision"),
     ("score: {levels: [0.5, 2]}\n", "score.levels"),
+    ("score: {levels: [0.5, 1.0], verdict_level: 0.8}\n", "score.verdict_level 0.8 must be one of"),
+    ("frontiers: {lora: [lora]}\n", "frontiers.lora: the name is also a variant's"),
+    ("frontiers: {f: [lora, nope]}\n", "frontiers.f: 'nope' is not in variants"),
+    ("frontiers: {f: [lora, full]}\n", "frontiers.f: its variants train different methods"),
+    (("frontiers: {f: [loramoe-lbc, loramoe-route]}\nvariants:\n  loramoe-lbc: {method: loramoe, seeds: [0]}\n"
+      "  loramoe-route: {method: loramoe, seeds: [1]}\ncontrasts: []\n"), "frontiers.f: its variants must run"),
     ("- a list\n", "must be a mapping"),
     ("mix: [unclosed\n", "not valid YAML"),
 ])
@@ -179,7 +195,8 @@ def test_the_mix_is_typed_short_and_a_prefix_of_a_larger_one(tmp_path):
     mix = build_mix(config, tmp_path / "a", seed=0)
     records = [json.loads(line) for line in mix.path.read_text().splitlines()]
     assert len(records) == config.records and mix.counts["total"] == config.records
-    assert sum(r["type"] == "knowledge" for r in records) == mix.counts["knowledge"] == round(config.records * 0.02)
+    assert sum(r["type"] == "knowledge" for r in records) == mix.counts["knowledge"] == \
+        round(config.records * config.knowledge_share)
     assert all(len(r["instruction"]) < config.max_context_chars + 400 for r in records)
     config.records *= 2
     larger = {json.dumps(json.loads(line), sort_keys=True)
@@ -190,21 +207,39 @@ def test_the_mix_is_typed_short_and_a_prefix_of_a_larger_one(tmp_path):
         build_mix(config, tmp_path / "big", seed=0)
 
 
-def test_the_probe_asks_every_held_out_fact_with_distractors_of_its_relation(tmp_path):
+def test_the_probe_asks_held_out_facts_with_distractors_of_their_relation(tmp_path):
     config = load_config()
     mix = build_mix(config.mix, tmp_path, seed=0)
+    probe = lab_probe(config, mix.path)
     s = config.score
-    probe = build_probe(relations=config.mix.knowledge, tasks=config.mix.tasks, mix_file=mix.path, seed=0,
-                        choices=s.choices, task_items=s.task_items, chat_items=s.chat_items,
-                        generation_items=s.generation_items, max_context_chars=config.mix.max_context_chars)
-    assert len(probe.facts) > 500 and probe.relations == config.mix.knowledge
+    per_relation = [sum(f.example.relation == r for f in probe.facts) for r in config.mix.knowledge]
+    assert per_relation == [s.fact_items] * len(config.mix.knowledge) and probe.relations == config.mix.knowledge
     for fact in probe.facts:
         assert len(fact.distractors) == 3 and not set(fact.distractors) & set(fact.aliases)
-    assert len(probe.chat) == 8 * len(config.mix.knowledge)
-    assert all(n <= 16 for n in [sum(t.task == name for t in probe.tasks) for name in probe.task_names])
-    assert probe.key() == build_probe(relations=config.mix.knowledge, tasks=config.mix.tasks, mix_file=mix.path,
-                                      seed=0, choices=4, task_items=16, chat_items=8, generation_items=4,
-                                      max_context_chars=config.mix.max_context_chars).key()
+    assert len(probe.chat) == s.chat_items * len(config.mix.knowledge)
+    assert all(n <= s.task_items for n in [sum(t.task == name for t in probe.tasks) for name in probe.task_names])
+    every = build_probe(relations=config.mix.knowledge, tasks=config.mix.tasks, mix_file=mix.path, seed=0,
+                        choices=4, task_items=s.task_items, chat_items=s.chat_items,
+                        generation_items=s.generation_items, max_context_chars=config.mix.max_context_chars)
+    assert len(every.facts) > 500  # fact_items takes a seeded subset of all of them
+    assert {f.example.id for f in probe.facts} <= {f.example.id for f in every.facts}
+
+
+@pytest.mark.parametrize("profile", [None, "quick", "frontier"])
+def test_no_held_out_fact_trains_in_any_profile(tmp_path, profile):
+    """The overlap filter's proof: no probe fact's subject is asked about, in its relation, by any
+    knowledge record of the mix, and no task record states it either."""
+    config = load_config(profile=profile)
+    mix = build_mix(config.mix, tmp_path, seed=config.seed)
+    records = [json.loads(line) for line in mix.path.read_text().splitlines()]
+    trained = {(r["relation"], r["subject"].lower()) for r in records if r["type"] == "knowledge"}
+    assert len(trained) >= config.mix.records * config.mix.knowledge_share / (2 * config.mix.templates)
+    probe = lab_probe(config, mix.path)
+    for fact in probe.facts:
+        assert (fact.example.relation, fact.example.subject.lower()) not in trained, fact.example.id
+    texts = [(r["instruction"] + " " + r["output"]).lower() for r in records if r["type"] == "task"]
+    stated = [f for f in probe.facts if any(f.statement.lower() in t for t in texts)]
+    assert not stated
 
 
 def test_the_full_profile_plans_its_runs_without_training(tmp_path):
@@ -219,3 +254,15 @@ def test_the_full_profile_plans_its_runs_without_training(tmp_path):
     assert runs[0].steps == [3, 6, 16, 40, 102, 256]
     assert {r.settings["model"] for r in runs} == {str(tmp_path / "model")}
     assert len({r.key for r in runs}) == len(runs)
+
+
+def test_the_frontier_profile_plans_two_rates_per_method_with_paired_seeds(tmp_path):
+    config = load_config(profile="frontier")
+    mix = build_mix(config.mix, tmp_path / "mix", seed=config.seed)
+    runs = lab_runs.plan(config, mix, "key")
+    assert len(runs) == 30 and {r.seed for r in runs} == {0, 1, 2}
+    assert set(config.frontiers) == {"full", "lora", "loramoe", "loramoe-lbc", "loramoe-route"}
+    for members in config.frontiers.values():
+        assert len({config.variants[m]["lr"] for m in members}) == 2
+    named = {side for c in config.contrasts for side in (c.a, c.b)}
+    assert named <= set(config.frontiers)

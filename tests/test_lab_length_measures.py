@@ -97,7 +97,7 @@ variants:
   full: {method: full, lr: 1.0e-3, seeds: [0]}
 contrasts:
   - {name: backbone, a: adapter, b: full, question: "Does the frozen backbone keep more?"}
-score: {levels: [0.5, 1.0], bootstrap: 200}
+score: {levels: [0.5, 1.0], verdict_level: 1.0, bootstrap: 200}
 """
 
 
@@ -145,15 +145,16 @@ def test_results_hold_the_new_measures_with_intervals_and_the_old_numbers_unmove
         assert has_interval(results["contrasts"][0][measure]) and "verdict" in results["contrasts"][0][measure]
         assert results["detectable"][measure] is not None and measure in results["arms"]["full"]["path"]
     assert results["arms"]["full"]["end"]["gold_share"]["high"] < 0  # the gold answer lost its share
-    assert results["contrasts"][0]["gold_share"]["verdict"] == "higher"
+    assert results["contrasts"][0]["gold_share"]["verdict"] == "keeps more"
     assert results["base"]["gold_share"] <= 0 and 0 <= results["base"]["mc_norm"] <= 100
     assert list(results["length_only"]["per_relation"]) == ["capital", "currency"]
-    assert set(results["regime"]["forgets"]) == {"gold_logprob", "mc"}  # the verdicts read the old measures only
+    lost = {name: arm["lost"]["gold_share"] for name, arm in results["regime"]["arms"].items()}
+    assert lost == {"full": True, "adapter": False}
 
     by_arm = {"adapter": [points["adapter-s0"], points["adapter-s1"]], "full": [points["full-s0"]]}
-    arms = {name: arm_data(base, seeds, lengths) for name, seeds in by_arm.items()}
+    arms = {name: arm_data(base, seeds, lengths, range(len(seeds))) for name, seeds in by_arm.items()}
     draws = Draws.make(len(probe.facts), len(probe.tasks), config.score.bootstrap, config.seed)
-    alone = json.loads(json.dumps(equal_skill(arms, [("adapter", "full")], ["gold_logprob", "mc"],
+    alone = json.loads(json.dumps(equal_skill(arms, {}, [("adapter", "full")], ["gold_logprob", "mc"],
                                               list(config.score.levels), draws)))
     assert {m: results["equal_skill"][m] for m in alone} == alone  # the new measures move no old number
 
@@ -163,6 +164,6 @@ def test_results_hold_the_new_measures_with_intervals_and_the_old_numbers_unmove
     render(results, tmp_path)
     check_report(tmp_path)
     text = (tmp_path / "report.md").read_text()
-    assert text.count("multiple choice, length-normalised (lm-eval acc_norm) (points)") == 3  # equal skill x2, end
-    assert text.count("gold log-probability normalised over the choices (nats)") == 3
+    assert text.count("multiple choice, length-normalised (lm-eval acc_norm) (points)") == 4  # equal skill x3, end
+    assert text.count("gold log-probability normalised over the choices (nats)") == 4
     assert "## Does length alone predict the choice? (base model)" in text

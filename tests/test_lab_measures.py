@@ -1,4 +1,4 @@
-"""The lab's format-free measures on a tiny model, and its statistics on numbers worked by hand."""
+"""The lab's format-free measures on a tiny model (its statistics: tests/test_lab_stats.py)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,6 @@ import torch
 
 from loramoe.lab.probe import Fact, Probe, TaskItem, distractors
 from loramoe.lab.scoring import choose_gold, score_point
-from loramoe.lab.stats import (
-    ArmData,
-    Draws,
-    at_level,
-    end_change,
-    equal_skill,
-    interval,
-    verdict,
-)
 from loramoe.suites.base import Example
 from tests.conftest import tiny_llama, tiny_tokenizer
 
@@ -78,46 +69,3 @@ def test_distractors_avoid_every_alias_and_the_subject():
     assert sorted(chosen) == ["Lima", "Oslo", "Rome"]
     with pytest.raises(ValueError, match="only 3 other answers"):
         distractors(example, ["Lima", "Rome", "Oslo"], 4, seed=0)
-
-
-def test_knowledge_at_a_skill_level_is_read_where_the_path_first_reaches_it():
-    skill = np.array([[0.0, 1.0, 2.0, 3.0], [0.0, 0.5, 0.4, 0.6]])
-    knowledge = np.array([[0.0, -1.0, -3.0, -6.0], [0.0, 1.0, 2.0, 3.0]])
-    assert at_level(skill, knowledge, 1.5).tolist()[0] == -2.0
-    assert at_level(skill, knowledge, 0.25)[1] == 0.5
-    assert np.isnan(at_level(skill, knowledge, 1.0)[1])
-
-
-def _arm(rng, drop: float, seeds: int, facts: int = 300, tasks: int = 60) -> ArmData:
-    """Paths whose knowledge falls by ``drop`` per unit of skill, with item noise."""
-    gains = np.array([0.0, 0.5, 1.0, 1.5])
-    base_know, base_loss = rng.normal(size=facts), rng.uniform(1, 3, size=tasks)
-    know = (base_know + (-drop * gains)[None, :, None]
-            + rng.normal(0, 0.3, size=(seeds, 4, facts)) * (gains > 0)[:, None])
-    loss = base_loss - gains[None, :, None] + rng.normal(0, 0.1, size=(seeds, 4, tasks)) * (gains > 0)[:, None]
-    know[:, 0], loss[:, 0] = base_know, base_loss
-    return ArmData([0, 1, 2, 3], {"gold_logprob": know}, loss)
-
-
-def test_equal_skill_contrasts_find_a_real_difference_and_none_where_there_is_none():
-    rng = np.random.default_rng(0)
-    arms = {"keeps": _arm(rng, 0.2, 2), "forgets": _arm(rng, 1.0, 1), "same": _arm(rng, 0.2, 2)}
-    result = equal_skill(arms, [("keeps", "forgets"), ("keeps", "same")], ["gold_logprob"], [2 / 3],
-                         Draws.make(300, 60, 500, seed=0))["gold_logprob"][0]
-    assert result["skill"] == pytest.approx(1.0, abs=0.05)  # two thirds of the common 1.5
-    real = result["contrasts"]["keeps vs forgets"]
-    assert real["estimate"] == pytest.approx(0.8, abs=0.1) and verdict(real) == "higher"
-    assert verdict(result["contrasts"]["keeps vs same"]) == "no detectable difference"
-    assert result["arms"]["forgets"]["estimate"] == pytest.approx(-1.0, abs=0.1)
-    assert result["arms"]["forgets"]["low"] < -1.0 < result["arms"]["forgets"]["high"]
-
-
-def test_end_change_is_paired_by_item_and_its_interval_covers_the_truth():
-    rng = np.random.default_rng(1)
-    base = rng.normal(0, 5, size=400)  # large spread between items, small change: only pairing sees it
-    values = base[None, :] + 0.3 + rng.normal(0, 0.5, size=(2, 400))
-    draws = Draws.make(400, 1, 1000, seed=0)
-    result = end_change("arm", values, base, draws.facts, draws)
-    assert result["low"] < 0.3 < result["high"] and result["high"] - result["low"] < 0.2
-    assert verdict(result) == "higher"
-    assert verdict(interval(0.0, np.array([np.nan, np.nan]))) == "not measurable"

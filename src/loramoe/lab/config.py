@@ -51,6 +51,7 @@ class MixConfig:
 class ScoreConfig:
     points: int
     choices: int
+    fact_items: int | None
     task_items: int | None
     chat_items: int
     generation_items: int
@@ -58,6 +59,7 @@ class ScoreConfig:
     batch_size: int
     precision: str
     levels: list[float]
+    verdict_level: float
     bootstrap: int
 
 
@@ -79,6 +81,8 @@ class LabConfig:
     contrasts: list[Contrast]
     score: ScoreConfig
     keep_full_weights: bool
+    frontiers: dict[str, list[str]] = field(default_factory=dict)
+    """Named sets of arms (one method at several learning rates) compared by their upper envelope."""
     sources: list[str] = field(default_factory=list)
     """The files (and profile) the settings came from, for the report."""
 
@@ -147,17 +151,42 @@ def _check(config: LabConfig, where: str) -> None:
         if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) or \
                 not all(isinstance(s, int) for s in seeds):
             raise LabConfigError(f"{where}: variants.{name}.seeds must be a list of distinct integers")
+    _check_frontiers(config, where)
     for contrast in config.contrasts:
         for arm in (contrast.a, contrast.b):
-            if arm not in config.variants:
-                raise LabConfigError(f"{where}: contrast '{contrast.name}' names '{arm}', which is not in variants")
+            if arm not in config.variants and arm not in config.frontiers:
+                raise LabConfigError(f"{where}: contrast '{contrast.name}' names '{arm}', which is neither in "
+                                     "variants nor in frontiers")
     if score.points < 1 or score.choices < 2 or score.bootstrap < 100 or score.batch_size < 1:
         raise LabConfigError(f"{where}: score.points >= 1, score.choices >= 2, score.bootstrap >= 100 "
                              "and score.batch_size >= 1 are needed")
-    if score.precision not in ("bf16", "fp32"):
-        raise LabConfigError(f"{where}: score.precision must be bf16 or fp32, got '{score.precision}'")
+    if score.precision not in ("bf16", "fp32", "auto"):
+        raise LabConfigError(f"{where}: score.precision must be bf16, fp32 or auto, got '{score.precision}'")
     if not score.levels or any(not 0.0 < level <= 1.0 for level in score.levels):
         raise LabConfigError(f"{where}: score.levels must be shares of the common skill in (0, 1]")
+    if score.verdict_level not in score.levels:
+        raise LabConfigError(f"{where}: score.verdict_level {score.verdict_level} must be one of score.levels "
+                             f"{score.levels}")
+
+
+def _check_frontiers(config: LabConfig, where: str) -> None:
+    """A frontier is one method at several rates: its arms exist, differ from each other and from
+    every arm's name, share a method and their seeds (the envelope is taken per seed too)."""
+    if not isinstance(config.frontiers, dict):
+        raise LabConfigError(f"{where}: 'frontiers' must map a name to a list of variants")
+    for name, members in config.frontiers.items():
+        at = f"{where}: frontiers.{name}"
+        if name in config.variants:
+            raise LabConfigError(f"{at}: the name is also a variant's; give the frontier its own name")
+        if not isinstance(members, list) or not members or len(set(members)) != len(members):
+            raise LabConfigError(f"{at}: must be a list of distinct variant names")
+        unknown = [m for m in members if m not in config.variants]
+        if unknown:
+            raise LabConfigError(f"{at}: '{unknown[0]}' is not in variants")
+        if len({config.variants[m]["method"] for m in members}) > 1:
+            raise LabConfigError(f"{at}: its variants train different methods; a frontier is one method's")
+        if len({tuple(config.seeds(m)) for m in members}) > 1:
+            raise LabConfigError(f"{at}: its variants must run the same seeds")
 
 
 def _contrasts(data: Any, where: str) -> list[Contrast]:
@@ -201,6 +230,8 @@ def load_config(path: Path | None = None, profile: str | None = None) -> LabConf
                        mix=_section(data, "mix", MixConfig, where), train=dict(data["train"] or {}),
                        variants=dict(data["variants"] or {}), contrasts=_contrasts(data["contrasts"], where),
                        score=_section(data, "score", ScoreConfig, where),
-                       keep_full_weights=bool(data["keep_full_weights"]), sources=sources)
+                       keep_full_weights=bool(data["keep_full_weights"]),
+                       frontiers={str(k): v for k, v in (data["frontiers"] or {}).items()}
+                       if isinstance(data["frontiers"], dict) else data["frontiers"], sources=sources)
     _check(config, where)
     return config

@@ -25,58 +25,43 @@ from loramoe.folder_lock import hold
 from loramoe.lab.config import DEFAULT_CONFIG, load_config
 from loramoe.lab.measures import candidate_lengths
 from loramoe.lab.mix import build_mix
+from loramoe.lab.pace import Pace, Stopwatch, resolve_precision
 from loramoe.lab.probe import lab_probe
 from loramoe.lab.report import render
 from loramoe.lab.results import build
 from loramoe.lab.runs import (
     DONE,
-    Run,
     execute,
     plan,
     read_points,
-    records_per_step,
     run_folder,
     score_base,
     scoring_key,
 )
 from loramoe.models import EMBEDDED, embedded_model_dir, load_tokenizer
 
-RUN_SECONDS = 5.0
-"""Loading the model and data for one run."""
-STEP_SECONDS = {"full": 1.3, "adapter": 1.25}
-"""One optimiser step of 8 records, full fine-tuning and adapters (bf16 on the CPU)."""
-POINT_SECONDS = 14.0
-"""Scoring one point of a run (facts, task items, router)."""
-FINAL_SECONDS = 13.0
-"""The free answers at the end of a run."""
-BASE_SECONDS = 24.0
-"""Scoring the base model: the gold aliases, a point and its free answers.
 
-Measured on the default lab on a 2-core CPU (bf16); the time left uses only their ratios, scaled
-by the pace the lab has kept so far."""
-
-
-def _costs(run: Run, batch: int) -> dict[str, float]:
-    """A run's work in estimated seconds: per optimiser step, per scored point, and in all."""
-    step = STEP_SECONDS["full" if run.method == "full" else "adapter"] * batch / 8
-    total = RUN_SECONDS + run.settings["max_steps"] * step + len(run.steps) * POINT_SECONDS + FINAL_SECONDS
-    return {"step": step, "point": POINT_SECONDS, "total": total}
+def _advance(progress: tqdm, cost: float) -> None:
+    # the total and the work done sum the same costs in another order: their last bits may differ
+    progress.total = max(progress.total, progress.n + cost)
+    progress.update(cost)
 
 
 def _account(progress: tqdm, cost: float, cached: bool) -> None:
     """Count work done; work found done is taken off the total, so the time left, drawn from the
     pace so far, counts only work still to do."""
     if cached:
-        progress.total -= cost
+        progress.total = max(progress.total - cost, progress.n)
         progress.refresh()
     else:
-        progress.update(cost)
+        _advance(progress, cost)
 
 
 def lab(
     lab_config: Path | None = None,
     quick: bool = False,
     full: bool = False,
+    frontier: bool = False,
     output: Path = Path("runs/lab"),
     init_config: Path | None = None,
 ) -> dict[str, Any]:
@@ -85,8 +70,11 @@ def lab(
     Args:
         lab_config: a lab settings file (YAML), also given as ``--config``; keys it leaves out
             keep the shipped defaults. Start from a copy: ``loramoe lab --init-config my.yaml``.
-        quick: the quick profile (about 5 minutes on a 2-core CPU; what CI runs).
+        quick: the quick profile (a first look in a few minutes on a 2-core CPU; what CI runs).
         full: the full profile (real sizes; for a GPU).
+        frontier: the frontier profile: every method at two learning rates, three seeds, longer
+            runs; compares methods by the best knowledge any of their rates keeps at each skill
+            (about 2 hours on a 2-core CPU).
         output: the report folder (runs are cached in ``<output>/runs``).
         init_config: write a copy of the default settings file there and stop.
     """
@@ -97,38 +85,49 @@ def lab(
         atomic_write_text(init_config, DEFAULT_CONFIG.read_text())
         print(f"wrote {init_config}; edit it, then run: loramoe lab --config {init_config}")
         return {}
-    if quick and full:
-        raise UsageError("--quick and --full exclude each other")
-    settings = load_config(lab_config, "quick" if quick else "full" if full else None)
+    chosen = [name for name, on in (("quick", quick), ("full", full), ("frontier", frontier)) if on]
+    if len(chosen) > 1:
+        raise UsageError(f"--{chosen[0]} and --{chosen[1]} exclude each other: choose one profile")
+    settings = load_config(lab_config, chosen[0] if chosen else None)
     started = time.time()
     output = ensure_writable_folder(output, "--output")  # before hours of work, not after
     with hold(output, "--output", "lab"):  # two labs in one folder would train the same runs over each other
+        settings, precision = resolve_precision(settings)  # before the plan: runs are cached by their settings
         mix = build_mix(settings.mix, output / "mix", settings.seed)
         probe = lab_probe(settings, mix.path)
         key = scoring_key(settings, probe)
         runs = plan(settings, mix, key)
         if settings.model in EMBEDDED:  # once per machine, and not part of the pace the time left is drawn from
             embedded_model_dir(settings.model)
-        batch = records_per_step(settings)
-        # smoothing=0: the time left follows the pace of the whole lab so far, not of its last run
-        progress = tqdm(total=sum(_costs(r, batch)["total"] for r in runs) + BASE_SECONDS, unit="s", desc="lab",
-                        smoothing=0,
+        pace = Pace(key)
+        estimates = [pace.estimate(r) for r in runs]
+        # the costs are this machine's seconds once a lab has run on it; smoothing=0: the time left
+        # follows the pace of the whole lab so far, not of its last run
+        base_cost = pace.base()
+        progress = tqdm(total=sum(e["total"] for e in estimates) + base_cost, unit="s", desc="lab", smoothing=0,
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
         progress.set_postfix_str("scoring the base model")
+        started_base = time.monotonic()
         base, cached = score_base(settings, probe, output, key)
-        _account(progress, BASE_SECONDS, cached)
+        _account(progress, base_cost, cached)
+        if not cached:
+            pace.observe_base(time.monotonic() - started_base)
         records, points = [], {}
-        for i, run in enumerate(runs, 1):
+        for i, (run, estimate) in enumerate(zip(runs, estimates), 1):
             progress.set_postfix_str(f"run {i}/{len(runs)}: {run.name}")
             cached = (run_folder(output, run) / DONE).is_file()
-            costs, done = _costs(run, batch), [0.0]
+            watch, done = Stopwatch(run, estimate), [0.0]
 
-            def tick(kind: str, costs: dict[str, float] = costs, done: list[float] = done) -> None:
-                progress.update(costs[kind])
-                done[0] += costs[kind]
+            def tick(kind: str, watch: Stopwatch = watch, done: list[float] = done) -> None:
+                cost = watch.tick(kind)
+                _advance(progress, cost)
+                done[0] += cost
 
             record = execute(run, settings, probe, base["gold"], output, tick)
-            _account(progress, costs["total"] - done[0], cached)
+            watch.stop()
+            _account(progress, estimate["total"] - done[0], cached)
+            if not cached:
+                pace.observe(run, watch)
             records.append(record)
             points[run.name] = read_points(output, record)
             last = points[run.name][-1]
@@ -140,7 +139,7 @@ def lab(
         lengths = candidate_lengths(load_tokenizer(settings.model), probe, base["gold"])
         results: dict[str, Any] = {
             "lab": {"version": version("loramoe"), "model": settings.model, "sources": settings.sources,
-                    "runs": len(runs),
+                    "runs": len(runs), "precision": precision,
                     "seconds": round(time.time() - started, 1), "settings": asdict(settings),
                     "run_seconds": {r["name"]: r["seconds"] for r in records}},
             "mix": mix.counts,

@@ -1,8 +1,9 @@
 """What the lab asks every model: held-out facts as statements to complete, task items with their
 reference answers, and two small sets of prompts to answer freely.
 
-- **Facts**: every test-split fact of every relation of the mix (the split is by fact, then
-  ``filter_overlap`` drops what the mix gives away), each as a completion-style statement
+- **Facts**: the test-split facts of every relation of the mix (the split is by fact, then
+  ``filter_overlap`` drops what the mix gives away; at most ``fact_items`` per relation, a seeded
+  choice, where set), each as a completion-style statement
   (``The capital of Peru is``), its accepted answers, and ``choices - 1`` distractors: answers of
   the same relation (canonical spellings of other facts) that match none of its own, picked by a
   hash of the seed and the fact, so every model sees the same ones.
@@ -90,7 +91,7 @@ def distractors(example: Example, pool: list[str], count: int, seed: int) -> tup
 
 def build_probe(*, relations: list[str], tasks: list[str], mix_file: Path, seed: int, choices: int,
                 task_items: int | None, chat_items: int, generation_items: int,
-                max_context_chars: int) -> Probe:
+                max_context_chars: int, fact_items: int | None = None) -> Probe:
     """The lab's questions (see the module docstring); ``mix_file`` is the training data whose facts
     are kept out."""
     if choices < 2:
@@ -104,6 +105,7 @@ def build_probe(*, relations: list[str], tasks: list[str], mix_file: Path, seed:
         pool = [e.answers[0] for e in bench.train + bench.test]
         kept, report = filter_overlap(bench.test, records)
         removed += report.total - report.kept
+        kept = take(kept, fact_items, seed)
         first = len(facts)
         for example in kept:
             facts.append(Fact(example, example.completion or example.prompt, example.answers,
@@ -130,4 +132,5 @@ def lab_probe(settings: LabConfig, mix_file: Path) -> Probe:
     s = settings.score
     return build_probe(relations=settings.mix.knowledge, tasks=settings.mix.tasks, mix_file=mix_file,
                        seed=settings.seed, choices=s.choices, task_items=s.task_items, chat_items=s.chat_items,
-                       generation_items=s.generation_items, max_context_chars=settings.mix.max_context_chars)
+                       generation_items=s.generation_items, max_context_chars=settings.mix.max_context_chars,
+                       fact_items=s.fact_items)

@@ -1,9 +1,7 @@
-"""The lab's report from ``results.json`` alone: ``report.md`` with PNG figures beside it, and
-``report.html``, the same report with the figures embedded (one file to mail around).
-
-Figures: each arm's path in the knowledge-skill plane (every knowledge measure, seeds drawn thin,
-the equal-skill levels dotted), and the LoRAMoE routers' own-group share per layer. Plots with
-matplotlib, HTML with python-markdown.
+"""The lab's report from ``results.json`` alone: ``report.md`` with PNG figures beside it
+(:mod:`loramoe.lab.figures`), and ``report.html``, the same report with the figures embedded (one
+file to mail around). Every sentence of the verdict paragraph comes from :mod:`loramoe.lab.verdicts`;
+every number printed is one of results.json. HTML with python-markdown.
 """
 
 from __future__ import annotations
@@ -11,179 +9,123 @@ from __future__ import annotations
 import base64
 import re
 from pathlib import Path
-from typing import Any
 
 import markdown
 
 from loramoe.fileio import atomic_write_text
-from loramoe.plots import pyplot, save_figure
+from loramoe.lab.figures import figures
+from loramoe.lab.verdicts import (
+    UNITS,
+    ci,
+    contrast_sentence,
+    detectable_sentence,
+    fmt,
+    regime_sentence,
+    routing_sentence,
+    share,
+    signed,
+)
 
+# fmt and signed stay importable from here: tests/lab_checks.py formats results.json with them
+__all__ = ["fmt", "paragraph", "render", "signed", "to_html"]
 
-def fmt(value: Any, digits: int = 1) -> str:
-    """The one way the report prints a number (the structure test formats results.json alike)."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:.{digits}f}"
-
-
-def signed(value: float | None, digits: int = 1) -> str:
-    return "n/a" if value is None else ("+" if value >= 0 else "") + fmt(value, digits)
-
-
-UNITS = {"gold_logprob": ("gold log-probability", "nats", 3), "mc": ("multiple choice", "points", 1),
-         "gold_share": ("gold log-probability normalised over the choices", "nats", 3),
-         "mc_norm": ("multiple choice, length-normalised (lm-eval acc_norm)", "points", 1)}
-"""Per knowledge measure: its name in the report, its unit and the digits it is printed with."""
 HEADERS = " | ".join(f"{label} ({unit})" for label, unit, _ in UNITS.values())
 
 
-def _cells(results_by_measure: dict[str, dict[str, Any]]) -> str:
+def _cells(results_by_measure: dict) -> str:
     return " | ".join(ci(results_by_measure[m], digits) for m, (_, _, digits) in UNITS.items())
 
 
-def ci(result: dict[str, Any], digits: int) -> str:
-    """``+0.123 [-0.010, +0.250]``: an estimate and its 95 % interval."""
-    if result["low"] is None:
-        return f"{signed(result['estimate'], digits)} [n/a]"
-    return f"{signed(result['estimate'], digits)} [{signed(result['low'], digits)}, {signed(result['high'], digits)}]"
-
-
-def _trajectories(results: dict, path: Path) -> str:
-    plt = pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8.6), layout="constrained")
-    for ax, measure in zip(axes.flat, UNITS):
-        label, unit, _ = UNITS[measure]
-        for name, arm in results["arms"].items():
-            p = arm["path"]
-            seeds = len(arm["seeds"])
-            line, = ax.plot(p["skill"], p[measure], marker="o",
-                            label=f"{name} ({seeds} seed{'s' if seeds > 1 else ''})")
-            if len(p["per_seed"]) > 1:
-                for seed in p["per_seed"].values():
-                    ax.plot(seed["skill"], seed[measure], color=line.get_color(), alpha=0.3, linewidth=0.8)
-        for level in results["levels"]:
-            ax.axvline(level, color="grey", linestyle=":", linewidth=1)
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xlabel("task skill: base task loss minus the model's (nats per token)")
-        ax.set_ylabel(f"change against the base ({unit})")
-        ax.set_title(label, fontsize=10)
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle("Knowledge along training (dotted: the equal-skill levels)", fontsize=11)
-    save_figure(fig, path)
-    return path.name
-
-
-def _router(results: dict, path: Path) -> str | None:
-    routed = {name: arm["router"] for name, arm in results["arms"].items() if "router" in arm}
-    if not routed:
-        return None
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(routed), figsize=(4.5 * len(routed), 3.4), squeeze=False, layout="constrained")
-    for ax, (name, router) in zip(axes[0], routed.items()):
-        for kind, per_group in router["final_per_layer"].items():
-            ax.plot(range(len(per_group[kind])), per_group[kind], marker=".", label=f"{kind} items to the {kind} group")
-        uniform = next(iter(router["uniform_share"].values()))
-        ax.axhline(uniform, color="grey", linestyle=":", linewidth=1, label="no preference")
-        ax.set_xlabel("layer")
-        ax.set_ylabel("gate share to its own group")
-        ax.set_title(f"{name}, end of run", fontsize=9)
-        ax.legend(fontsize=7)
-    save_figure(fig, path)
-    return path.name
-
-
-def figures(results: dict, folder: Path) -> dict[str, str]:
-    out = {"trajectories": _trajectories(results, folder / "trajectories.png")}
-    router = _router(results, folder / "router_by_layer.png")
-    if router:
-        out["router"] = router
-    return out
-
-
-def _verdict_words(verdict: str, a: str, b: str, measure: str) -> str:
-    if verdict == "higher":
-        return f"{a} keeps more ({UNITS[measure][0]})"
-    if verdict == "lower":
-        return f"{a} keeps less ({UNITS[measure][0]})"
-    return verdict
-
-
 def paragraph(results: dict) -> str:
-    """The verdict, computed from the numbers: the regime, then every named contrast."""
-    parts = []
-    regime = results.get("regime")
-    if regime:
-        forgets = [m for m, yes in regime["forgets"].items() if yes]
-        parts.append(f"Full fine-tuning ({regime['arm']}) at the end of its run changed the gold answers' "
-                     f"log-probability by {ci(regime['gold_logprob'], 3)} nats and multiple choice by "
-                     f"{ci(regime['mc'], 1)} points ({fmt(results['constants']['interval_percent'])} % intervals): "
-                     + ("it forgets facts here, so the contrasts below are measured where forgetting happens."
-                        if forgets else "its loss is not outside its interval, so this setting does not reach "
-                        "the regime where fine-tuning forgets facts; read the contrasts below with that in mind."))
-    for c in results["contrasts"]:
-        said = "; ".join(f"{UNITS[m][0]} {ci(c[m], UNITS[m][2])} {UNITS[m][1]}: "
-                         f"{_verdict_words(c[m]['verdict'], c['a'], c['b'], m)}" for m in ("gold_logprob", "mc"))
-        parts.append(f"**{c['name']}** ({c['a']} minus {c['b']}, at a task skill of {fmt(c['at_skill'], 3)} nats): "
-                     f"{said}.")
-    d = results["detectable"]
-    parts.append(f"With {fmt(results['probe']['facts'])} facts and {fmt(results['probe']['task_items'])} task items, "
-                 f"differences smaller than about {fmt(d['gold_logprob'], 3)} nats of log-probability or "
-                 f"{fmt(d['mc'], 1)} points of multiple choice would go undetected here "
-                 f"({fmt(results['constants']['detectable_stderrs'], 1)} standard errors of the median contrast).")
-    return "\n\n".join(parts)
+    """The verdict, computed from the numbers: the regime, every named contrast, the power."""
+    return "\n\n".join([regime_sentence(results), *(contrast_sentence(c, results) for c in results["contrasts"]),
+                         detectable_sentence(results)])
 
 
 def _design(results: dict) -> list[str]:
-    lines = ["## Design", "", ("Contrasts, named before the numbers: each is arm a minus arm b in knowledge at "
-             "equal task skill."), "", "| contrast | a | b | question |", "| --- | --- | --- | --- |"]
-    lines += [f"| {c['name']} | {c['a']} | {c['b']} | {c['question']} |" for c in results["contrasts"]]
+    lines = ["## Design", "", ("Contrasts, named in the settings: each is a minus b in knowledge at equal task skill; "
+             "a side is an arm or a frontier (the best of an arm set at each skill)."), "",
+             "| contrast | kind | a | b | question |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {c['name']} | {c['kind']} | {c['a']} | {c['b']} | {c['question']} |" for c in results["contrasts"]]
     lines += ["", "| arm | method | lr | seeds | scored at steps | trainable parameters | train s per run |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, arm in results["arms"].items():
         lines.append(f"| {name} | {arm['method']} | {fmt(arm['lr'], 4)} | {' / '.join(map(fmt, arm['seeds']))} | "
                      f"{' / '.join(map(fmt, arm['path']['steps']))} | {fmt(arm['trainable_parameters'])} | "
                      f"{fmt(arm['train_seconds'])} |")
-    p, m = results["probe"], results["mix"]
-    lines += ["", (f"The mix: {fmt(m['total'])} records, {fmt(m['knowledge'])} of them knowledge QA. The probe: "
+    p, mix, base = results["probe"], results["mix"], results["base"]
+    lines += ["", (f"The mix: {fmt(mix['total'])} records, {fmt(mix['knowledge'])} of them knowledge QA. The probe: "
               f"{fmt(p['facts'])} held-out facts "
               f"({'; '.join(f'{r} {fmt(n)}' for r, n in p['facts_per_relation'].items())}: "
               f"{fmt(p['removed_by_overlap'])} removed as given away by the mix), each a statement to complete and a "
               f"choice among {fmt(p['choices'])} answers of its relation; {fmt(p['task_items'])} task items "
               f"({'; '.join(f'{t} {fmt(n)}' for t, n in p['task_items_per_task'].items())}); {fmt(p['chat_items'])} "
               f"facts asked in chat and {fmt(p['generation_items'])} task items answered freely at the end. The "
-              f"base model: multiple choice {fmt(results['base']['mc'])} %, mean gold log-probability "
-              f"{fmt(results['base']['gold_logprob'], 3)} nats, "
-              f"task loss {fmt(results['base']['task_loss'], 3)} nats.")]
+              "base model: " + ", ".join(f"{label} {fmt(base[m], digits)} {'%' if unit == 'points' else unit}"
+                                          for m, (label, unit, digits) in UNITS.items())
+              + f", task loss {fmt(base['task_loss'], 3)} nats.")]
     return lines
 
 
+def _frontiers(results: dict, image: str) -> list[str]:
+    lines = ["## Frontiers", ""]
+    if results["frontiers"]:
+        lines += [("A frontier is the best knowledge any of its arms keeps at each skill (the upper envelope of "
+                   "their paths); the figure draws it thick, its arms' paths thin."), "",
+                  "| frontier | method | arms | lr |", "| --- | --- | --- | --- |"]
+        lines += [f"| {name} | {s['method']} | {', '.join(s['variants'])} | "
+                  f"{' / '.join(fmt(lr, 4) for lr in s['lrs'])} |" for name, s in results["frontiers"].items()]
+    else:
+        lines.append("These settings name no frontier: each arm is drawn as its own, one learning rate per arm, "
+                     "so the figure shows paths, not envelopes over learning rates.")
+    return lines + ["", f"![frontiers]({image})"]
+
+
+def _level(results: dict, i: int) -> str:
+    said = share(results["level_shares"][i])
+    return f"**{said}** (verdicts)" if i == results["verdict_level"] else said
+
+
+def _contrast_level(results: dict, c: dict, measure: str, i: int) -> dict:
+    rows = c["by_level"].get(measure)
+    return rows[i] if rows else results["equal_skill"][measure][i]["contrasts"][f"{c['a']} vs {c['b']}"]
+
+
 def _equal_skill(results: dict) -> list[str]:
+    vl, verdict = results["verdict_level"], results["measures"]["verdict"]
     lines = ["## Knowledge at equal task skill", "",
-             (f"Levels: {', '.join(fmt(s, 3) for s in results['level_shares'])} of the highest skill every arm "
-             f"reaches ({fmt(results['common_skill'], 3)} nats), i.e. "
-             f"{', '.join(fmt(s, 3) for s in results['levels'])} nats. Each cell: estimate "
-             f"[{fmt(results['constants']['interval_percent'])} % interval]."), "",
-             f"| contrast | skill (nats) | {HEADERS} |", "|" + " --- |" * (2 + len(UNITS))]
-    eq = results["equal_skill"]
+             (f"Levels: shares {', '.join(share(s) for s in results['level_shares'])} of the highest skill every "
+              f"arm reaches ({fmt(results['common_skill'], 3)} nats), i.e. "
+              f"{', '.join(fmt(s, 3) for s in results['levels'])} nats; the verdicts read share "
+              f"{share(results['level_shares'][vl])} ({fmt(results['levels'][vl], 3)} nats). Each cell: estimate "
+              f"[{fmt(results['constants']['interval_percent'])} % interval]."), "",
+             f"| contrast | share | skill (nats) | {HEADERS} | verdict ({' / '.join(verdict)}) |",
+             "|" + " --- |" * (4 + len(UNITS))]
     for c in results["contrasts"]:
-        key = f"{c['a']} vs {c['b']}"
         for i, level in enumerate(results["levels"]):
-            lines.append(f"| {c['name']} | {fmt(level, 3)} | "
-                         f"{_cells({m: eq[m][i]['contrasts'][key] for m in UNITS})} |")
-    lines += ["", "Each arm's change against the base model at those levels:", "",
-              f"| arm | skill (nats) | {HEADERS} |", "|" + " --- |" * (2 + len(UNITS))]
+            cells = _cells({m: _contrast_level(results, c, m, i) for m in UNITS})
+            words = " / ".join(c["by_level"][m][i]["verdict"] for m in verdict)
+            lines.append(f"| {c['name']} | {_level(results, i)} | {fmt(level, 3)} | {cells} | {words} |")
+    eq = results["equal_skill"]
+    lines += ["", "Each arm's (and frontier's) change against the base model where its path first reaches each level:",
+              "", f"| arm | share | skill (nats) | {HEADERS} |", "|" + " --- |" * (3 + len(UNITS))]
+    units = [("arms", n) for n in results["arms"]] + [("sets", n) for n in results["frontiers"]]
+    for kind, name in units:
+        for i, level in enumerate(results["levels"]):
+            cells = _cells({m: eq[m][i][kind][name] for m in UNITS})
+            lines.append(f"| {name} | {_level(results, i)} | {fmt(level, 3)} | {cells} |")
+    lines += ["", ("Each arm's worst change from where it first reaches each level to the end of its run "
+                   "(forgetting after the level):"), "",
+              f"| arm | share | skill (nats) | {HEADERS} |", "|" + " --- |" * (3 + len(UNITS))]
     for name in results["arms"]:
         for i, level in enumerate(results["levels"]):
-            lines.append(f"| {name} | {fmt(level, 3)} | {_cells({m: eq[m][i]['arms'][name] for m in UNITS})} |")
+            cells = _cells({m: eq[m][i]["arms"][name]["worst_after"] for m in UNITS})
+            lines.append(f"| {name} | {_level(results, i)} | {fmt(level, 3)} | {cells} |")
     return lines
 
 
 def _ends(results: dict) -> list[str]:
-    lines = ["## At the end of each run", "", ("Changes against the base model, paired by item, seeds pooled "
+    lines = ["## At the end of each run", "", ("Changes against the base model, paired by item, averaged over seeds "
              f"(estimate [{fmt(results['constants']['interval_percent'])} % interval])."), "",
              (f"| arm | task skill (nats) | {HEADERS} | "
              "chat answers right (points) | task answers, main metric (points) |"),
@@ -195,8 +137,8 @@ def _ends(results: dict) -> list[str]:
     lines += ["", "### What a user sees: chat answers to the held-out facts", "",
               (f"A change of answer format (a sentence of {fmt(results['constants']['sentence_words'])} words or more "
               "against a short answer) is counted apart "
-              "from facts lost; a fact lost in chat that multiple choice still gets right was lost to format, "
-              "not forgotten."), "",
+              "from facts lost, and so is a fact lost in chat that multiple choice still gets right (the model "
+              "still picks its gold answer among the choices)."), "",
               ("| arm | right (%) | base right (%) | format changed (%) | facts lost | of them, format changed | "
               "of them, multiple choice still right | facts gained |"),
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -238,14 +180,30 @@ def _routers(results: dict) -> list[str]:
     routed = {name: arm["router"] for name, arm in results["arms"].items() if "router" in arm}
     if not routed:
         return []
-    lines = ["## Router: does any specialisation happen?", "",
+    const = results["constants"]
+    threshold = share(const["routed_share"])
+    uniform = next(iter(next(iter(routed.values()))["uniform_share"].values()))
+    lines = ["## Router: where each type of item is sent", "",
              ("The gate share each type of item (held-out fact statements, task prompts) sends to its own expert "
-             "group, averaged over layers and seeds, at each scored step; with no preference it equals the group's "
-             "share of the experts. The localized balancing constraint's optimum is half of one minus delta of the "
-             "mass on "
-             "a sample's own group (0.450 at delta 0.1), slightly *against* specialisation; the routing objective's "
-             "is its target."), "", "| arm | step | knowledge items to knowledge group | task items to task group |",
-             "| --- | --- | --- | --- |"]
+              "group, averaged over layers and seeds; with no preference it equals the group's share of the experts "
+              f"({fmt(uniform, 3)}). The localized balancing constraint's loss is lowest at "
+              f"{fmt(const['lbc_optimum'], 3)} of a sample's gate mass on its own group (balance delta "
+              f"{share(const['balance_delta'])}); the routing objective's at its target. An arm that claims routing "
+              f"(a routing objective) routes where both shares end at {threshold} or more."), "",
+             ("| arm | claims routing | target | fact statements to the knowledge group, end | task prompts to the "
+              f"task group, end | routed (both {threshold} or more) |"), "| --- | --- | --- | --- | --- | --- |"]
+    flags = []
+    for name, r in routed.items():
+        end = r["end_share"]
+        state = "not claimed" if r["routed"] is None else ("yes" if r["routed"] else "no")
+        lines.append(f"| {name} | {'yes' if r['claims_routing'] else 'no'} | {fmt(r['target'], 3)} | "
+                     f"{fmt(end.get('knowledge'), 3)} | {fmt(end.get('task'), 3)} | {state} |")
+        if r["routed"] is False:
+            entry = {"arm": name, "knowledge": end.get("knowledge"), "task": end.get("task"), "routed": False}
+            flags.append(f"{routing_sentence(entry, const['routed_share'])}, so no contrast with it tests routing "
+                         "by type.")
+    lines += ["", *flags, "", "| arm | step | knowledge items to knowledge group | task items to task group |",
+              "| --- | --- | --- | --- |"]
     for name, router in routed.items():
         own = router["own_group_share"]
         for i, step in enumerate(router["steps"]):
@@ -270,6 +228,7 @@ def render(results: dict, folder: Path) -> tuple[Path, Path]:
              f"(cached runs count the time they took when they ran). Every number here is in results.json."), ""]
     lines += _design(results)
     lines += ["", "## Paths in the knowledge-skill plane", "", f"![trajectories]({images['trajectories']})", ""]
+    lines += _frontiers(results, images["frontiers"]) + [""]
     lines += _equal_skill(results) + [""] + _ends(results) + [""] + _length_only(results) + [""] + _routers(results)
     if "router" in images:
         lines += ["", f"![router]({images['router']})"]

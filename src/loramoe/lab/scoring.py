@@ -8,7 +8,11 @@ Format-free measures, on every fact and task item, teacher-forced (:mod:`loramoe
   right when the gold answer's is the largest.
 - ``task_loss``: the mean per-token negative log-likelihood of each task item's reference answer,
   rendered as training renders a record.
-- ``router``: for LoRAMoE, the gate share per item type, expert group and layer (prompt tokens).
+- ``router``: for LoRAMoE, the gate share per item type, expert group and layer (prompt tokens):
+  ``knowledge`` for the held-out fact statements, ``task`` for the task prompts, and at the end of
+  a run ``questions`` for the same held-out facts asked as training asks (the chat question, as a
+  record renders it): the router was trained on that format, so the two knowledge shares side by
+  side say whether it learned to read the fact or the question's form.
 
 At the end of a run (``final``) also what a user sees: greedy chat answers to a subset of the facts
 and free answers to a subset of the task items.
@@ -66,9 +70,10 @@ def choose_gold(model: nn.Module, tokenizer, probe: Probe, *, batch_size: int, p
     return [o[max(range(len(o)), key=lambda j: sum(lp[j]))] for o, lp in zip(options, scored.logprobs)]
 
 
-def _task_sequences(tokenizer, probe: Probe) -> tuple[list[list[int]], list[list[int]]]:
-    records, _ = read_records([[{"instruction": t.example.prompt, "output": t.example.answers[0]}
-                                for t in probe.tasks]])
+def _record_sequences(tokenizer, pairs: list[tuple[str, str]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Instruction/answer pairs rendered as training renders a record, split into the prompt's
+    tokens and the answer's."""
+    records, _ = read_records([[{"instruction": prompt, "output": answer} for prompt, answer in pairs]])
     rows = tokenize_records(records, tokenizer, max_length=1 << 16)
     prompts, answers = [], []
     for ids, labels in zip(rows["input_ids"], rows["labels"]):
@@ -103,7 +108,7 @@ def score_point(model: nn.Module, tokenizer, probe: Probe, gold: list[str], *, s
         scored_model, _statement_ids(tokenizer, probe),
         [[answer_ids(tokenizer, a) for a in c] for c in candidates(probe, gold)],
         pad_id=pad, batch_size=batch_size, prompt_routing=routed)
-    prompts, answers = _task_sequences(tokenizer, probe)
+    prompts, answers = _record_sequences(tokenizer, [(t.example.prompt, t.example.answers[0]) for t in probe.tasks])
     tasks = continuation_logprobs(scored_model, prompts, [[a] for a in answers], pad_id=pad,
                                   batch_size=max(1, batch_size // 4), prompt_routing=routed)
     point: dict[str, Any] = {
@@ -114,6 +119,11 @@ def score_point(model: nn.Module, tokenizer, probe: Probe, gold: list[str], *, s
     if routed:
         point["router"] = {"knowledge": router_shares(facts.prompt_gates, config),
                            "task": router_shares(tasks.prompt_gates, config)}
+        if final:
+            asked, golds = _record_sequences(tokenizer, [(f.example.prompt, g) for f, g in zip(probe.facts, gold)])
+            questions = continuation_logprobs(scored_model, asked, [[a] for a in golds], pad_id=pad,
+                                              batch_size=max(1, batch_size // 4), prompt_routing=True)
+            point["router"]["questions"] = router_shares(questions.prompt_gates, config)
     if final:
         examples = [probe.facts[i].example for i in probe.chat] + \
             [probe.tasks[i].example for i in probe.generation]
