@@ -78,19 +78,23 @@ def test_quick_lab_end_to_end(tmp_path):
     its report from results.json."""
     from loramoe.cli import main as cli_main
     from loramoe.lab.config import load_config
+    from loramoe.lab.verdicts import VERDICTS
     from tests.lab_checks import check_report
 
     cli_main(["lab", "--quick", "--output", str(tmp_path)])
     results = check_report(tmp_path)
     quick = load_config(profile="quick")
     assert results["lab"]["runs"] == sum(len(quick.seeds(v)) for v in quick.variants)
-    assert results["probe"]["facts"] > 500 and 50 < results["base"]["mc"] < 100
+    assert results["probe"]["facts"] == quick.score.fact_items * len(quick.mix.knowledge)
+    assert 50 < results["base"]["mc"] < 100
     for arm in results["arms"].values():
         assert len(arm["path"]["steps"]) == quick.score.points + 1 and arm["train_seconds"] > 0
         assert arm["end"]["skill"]["estimate"] > 0  # every arm learns the tasks
     for contrast in results["contrasts"]:
         for measure in ("gold_logprob", "mc", "gold_share", "mc_norm"):
             assert contrast[measure]["low"] <= contrast[measure]["estimate"] <= contrast[measure]["high"]
+            assert contrast[measure]["verdict"] in VERDICTS
+            assert len(contrast["by_level"][measure]) == len(quick.score.levels)
     for arm in results["arms"].values():
         for measure in ("gold_share", "mc_norm"):
             assert arm["end"][measure]["low"] <= arm["end"][measure]["estimate"] <= arm["end"][measure]["high"]
@@ -102,3 +106,7 @@ def test_quick_lab_end_to_end(tmp_path):
         assert row["base_mc"] == pytest.approx(results["base"]["per_relation_mc"][relation])
     assert length["all"]["base_mc"] == pytest.approx(results["base"]["mc"])
     assert "router" in results["arms"]["loramoe-lbc"]
+    route = results["arms"]["loramoe-route"]["router"]
+    assert route["claims_routing"] and isinstance(route["routed"], bool)
+    assert set(route["end_share"]) == {"knowledge", "task", "questions"}
+    assert (tmp_path / "frontiers.png").is_file()

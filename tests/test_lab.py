@@ -15,6 +15,7 @@ from loramoe.lab.config import LabConfigError, load_config
 from loramoe.lab.mix import build_mix
 from loramoe.lab.probe import build_probe, lab_probe
 from loramoe.lab.verdicts import VERDICTS
+from loramoe.train.sampling import LengthGroupedSampler
 from tests.conftest import save_tiny
 from tests.lab_checks import check_report
 
@@ -266,3 +267,18 @@ def test_the_frontier_profile_plans_two_rates_per_method_with_paired_seeds(tmp_p
         assert len({config.variants[m]["lr"] for m in members}) == 2
     named = {side for c in config.contrasts for side in (c.a, c.b)}
     assert named <= set(config.frontiers)
+
+
+def test_seed_k_gives_every_arm_the_same_data_order(tmp_path):
+    """The contrasts pair arms by seed: what decides a run's data order (the data, the seed and the
+    batching) is the same for every arm of one seed, and the sampler draws from nothing else."""
+    config = load_config()
+    runs = lab_runs.plan(config, build_mix(config.mix, tmp_path, seed=config.seed), "key")
+    order = ("data", "seed", "batch_size", "grad_accum", "max_length", "group_by_length", "epochs", "max_steps")
+    by_seed: dict[int, set[str]] = {}
+    for run in runs:
+        by_seed.setdefault(run.seed, set()).add(json.dumps({k: run.settings.get(k) for k in order}, sort_keys=True))
+    assert sorted(by_seed) == [0, 1, 2] and all(len(kinds) == 1 for kinds in by_seed.values())
+    lengths = [5, 9, 3, 12, 7, 7, 2, 10, 4, 8, 6, 11]
+    first, again, other = (list(LengthGroupedSampler(lengths, 4, seed=s)) for s in (1, 1, 2))
+    assert first == again != other

@@ -66,7 +66,7 @@ def _load_config(text: str) -> Any:
 
 COMMANDS = {"lab": lab, "demo": run_demo, "train": train, "eval": evaluate, "generate": generate,
             "scaling": scaling, "convert": convert}
-LIST_FLAGS = {"--data", "--val_data", "--target_modules", "--train_data", "--columns"}
+LIST_FLAGS = {"--data", "--val_data", "--target_modules", "--train_data", "--columns", "--harness"}
 """Flags that take several values, written the usual way: ``--data a.jsonl b.csv``."""
 BOOL_FLAGS = {f"--{name}" for command in COMMANDS.values()
               for name, kind in typing.get_type_hints(command).items() if kind is bool}
@@ -79,10 +79,10 @@ def _boolean_word(arg: str) -> bool:
     return arg.isalpha() and isinstance(yaml.safe_load(arg), bool)
 
 
-COMMA_LIST_FLAGS = {"scaling": {"--method", "--ranks"}}
-"""Per subcommand, list flags that also take comma-separated values (``--ranks 1,2,4``); only
-there, since ``--method`` names one method in ``train`` and a regex in ``--target-modules`` may
-hold a comma."""
+COMMA_LIST_FLAGS = {"scaling": {"--method", "--ranks"}, "eval": {"--harness"}}
+"""Per subcommand, list flags that also take comma-separated values (``--ranks 1,2,4``, ``--harness
+arc_easy,hellaswag`` as lm-eval's ``--tasks`` does); only there, since ``--method`` names one method
+in ``train`` and a regex in ``--target-modules`` may hold a comma."""
 
 
 def _normalise_flags(argv: list[str]) -> list[str]:

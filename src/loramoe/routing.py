@@ -78,13 +78,17 @@ def capture_routing(model: nn.Module, *, per_token: bool = False,
         raise RuntimeError(f"capture_routing: layer '{busy[0]}' is already being captured")
     record = RoutingRecord(per_token=per_token)
     # set by the model's hooks, read by the layers' hooks
-    state: dict = {"mask": None, "new_forward": False, "in_forward": False}
+    state: dict = {"mask": None, "batch": 1, "new_forward": False, "in_forward": False}
 
     def read_mask(_module, args, kwargs):
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1 and isinstance(args[1], Tensor):
             mask = args[1]
         state["mask"] = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        inputs = next((t for t in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1])
+                       if isinstance(t, Tensor)), None)
+        state["batch"] = (state["mask"].shape[0] if state["mask"] is not None else
+                          inputs.shape[0] if inputs is not None and inputs.dim() >= 2 else 1)
         state["new_forward"] = state["in_forward"] = True
 
     def end_forward(*_) -> None:
@@ -98,8 +102,8 @@ def capture_routing(model: nn.Module, *, per_token: bool = False,
                 return
             if not keep_graph:
                 gates = gates.detach()
-            if gates.dim() == 2:  # (tokens, E) without a batch dimension: one sample
-                gates = gates.unsqueeze(0)
+            if gates.dim() == 2:  # (batch * seq, E): a block that flattens the tokens (Qwen2-MoE's shared expert)
+                gates = gates.reshape(state["batch"], -1, gates.shape[-1])
             if state["new_forward"]:
                 state["new_forward"] = False
                 mask = state["mask"]

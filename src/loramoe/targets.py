@@ -22,6 +22,9 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "falcon": ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
     "bloom": ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"],
     "opt": ["fc1", "fc2"],
+    # the routed experts are 3D tensors, not linear layers: the shared expert, which every token
+    # passes through, and the dense MLP of the layers in mlp_only_layers
+    "qwen2_moe": [*_LLAMA_MLP, "shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"],
 }
 """The feed-forward projections of each family, as LoRAMoE places its experts (docs/method.md,
 section 1.1 "The layer")."""
@@ -44,6 +47,14 @@ def default_targets(model: nn.Module) -> list[str]:
         return DEFAULT_TARGETS[model_type]
     known = sorted({name for names in DEFAULT_TARGETS.values() for name in names})
     return [n for n in known if any(_name_matches(path, n) for path, _ in model.named_modules())]
+
+
+def _expert_tensors(model: nn.Module) -> str | None:
+    """The path of the first mixture-of-experts block whose experts are stored as 3D tensors (one
+    slice per expert, as transformers 5 stores Mixtral's, OLMoE's, Qwen3-MoE's), which no adapter
+    layer can wrap; None if the model has none."""
+    return next((path for path, module in model.named_modules()
+                 if path.endswith("experts") and any(p.dim() == 3 for p in module.parameters(recurse=False))), None)
 
 
 def _name_matches(path: str, name: str) -> bool:
@@ -75,6 +86,9 @@ def find_targets(model: nn.Module, target_modules: list[str] | str | None) -> li
         what = (f"target_modules={target_modules!r} matches no module of this {model_type} model"
                 if target_modules is not None else
                 f"no default feed-forward targets are known for model type '{model_type}'")
+        experts = _expert_tensors(model)
+        if experts is not None:
+            what += f" (its feed-forward experts, {experts} and the like, are 3D tensors, not linear layers)"
         raise TargetError(
             f"{what}. "
             f"Its linear layers are: {', '.join(linear_layer_names(model)) or 'none'}. "

@@ -2,7 +2,8 @@
 general text, and with ``--vs-base`` measure what fine-tuning cost against the base model.
 
 Writes ``eval.json`` (every number and every per-item prediction), ``eval.md`` (the tables) and,
-for LoRAMoE, ``router.json`` / ``router.png`` (gate share per expert for each benchmark).
+for LoRAMoE, ``router.json`` / ``router.png`` (gate share per expert for each benchmark); with
+``--harness``, lm-evaluation-harness tasks too (:mod:`loramoe.evaluate.harness_run`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import adapter_config, disabled_adapters
 from loramoe.data import read_records
 from loramoe.errors import OutputFolderError, UsageError
+from loramoe.evaluate import harness_run
 from loramoe.evaluate.harness_export import export_probe
 from loramoe.evaluate.router_analysis import gate_shares, group_share, save_gate_shares
 from loramoe.fileio import atomic_write_text, ensure_writable_folder
@@ -145,7 +147,8 @@ def _check_limit(limit: Limit) -> None:
 
 def _check_output(output: Path, overwrite: bool) -> Path:
     """``output``, writable, and holding no earlier evaluation unless ``overwrite``."""
-    earlier = [name for name in (*EVAL_FILES, *ROUTER_FILES) if (output / name).exists()] if output.is_dir() else []
+    earlier = [name for name in (*EVAL_FILES, *ROUTER_FILES, harness_run.RESULTS)
+               if (output / name).exists()] if output.is_dir() else []
     if earlier and not overwrite:
         raise OutputFolderError(f"--output {output}: the folder holds an earlier evaluation ({', '.join(earlier)}); "
                                 "give a new folder, or --overwrite to replace it")
@@ -170,6 +173,9 @@ def evaluate(
     trust_remote_code: bool = False,
     overwrite: bool = False,
     export_harness: Path | None = None,
+    harness: list[str] | None = None,
+    num_fewshot: int | None = None,
+    include_path: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on built-in benchmark suites and write eval.json and eval.md to ``output``.
 
@@ -177,7 +183,8 @@ def evaluate(
         model: ``smollm2-135m`` (embedded), a local folder (a fully fine-tuned run) or a hub id.
         adapter: a saved adapter folder to attach (a ``loramoe train`` output folder).
         suite: comma-separated suites: ``knowledge``, ``tasks``, ``lm-loss``.
-        vs_base: also score the base model on the same items and report what changed.
+        vs_base: also score the base model on the same items and report what changed (for
+            ``harness`` tasks: per metric, paired by document, with a 95 % interval).
         base_model: the base model for ``--vs-base`` on a fully fine-tuned model (adapters are
             switched off instead).
         base_eval: an ``eval.json`` of the base model on the same items: the comparison (implies
@@ -186,9 +193,11 @@ def evaluate(
         output: folder for eval.json, eval.md and the router heatmap; one that holds them from an
             earlier evaluation is refused unless ``overwrite``.
         limit: test items per benchmark at most, 1 or more (None: all), or a mapping from suite or
-            benchmark name to its limit, e.g. ``{knowledge: 40, tasks: 16}`` (others: all).
+            benchmark name to its limit, e.g. ``{knowledge: 40, tasks: 16}`` (others: all). It
+            caps each ``harness`` task's documents too (give one number then; None for the full
+            tasks, as published scores are).
         prompt_style: ``completion`` or ``chat`` for every benchmark (default: each benchmark's own).
-        batch_size: prompts per generation batch.
+        batch_size: prompts per generation batch (and lm-eval's batch size for ``harness``).
         max_new_tokens: longest generated answer.
         max_length: longest text for the language-model loss, in tokens.
         seed: seed of the train/test split.
@@ -196,6 +205,11 @@ def evaluate(
         overwrite: replace the earlier evaluation in ``output``.
         export_harness: write the lab's knowledge probe there as lm-eval tasks, gold answers chosen
             by ``model``, and stop (:mod:`loramoe.evaluate.harness_export`).
+        harness: lm-evaluation-harness tasks, groups or tags (``--harness arc_easy,hellaswag``)
+            to score on the same loaded model; results under ``output``/harness and in eval.md.
+        num_fewshot: few-shot examples for the ``harness`` tasks (default: each task's own).
+        include_path: a folder of local lm-eval task YAMLs for ``harness`` (an ``--export-harness``
+            folder, say).
     """
     if export_harness is not None:
         written = export_probe(Path(export_harness), model, overwrite=overwrite, trust_remote_code=trust_remote_code)
@@ -208,6 +222,8 @@ def evaluate(
     benchmarks = load_benchmarks(suite, limit, seed)
     overlap = _without_overlap(benchmarks, train_data) if train_data else {}
     saved_base = _read_base_eval(base_eval, benchmarks) if base_eval is not None else None
+    tasks = harness_run.load_tasks(harness, limit=limit, num_fewshot=num_fewshot,
+                                   include_path=include_path) if harness else None
     if adapter is not None:
         read_adapter_config(adapter)  # a bad config is refused before the model loads, not after
     torch.manual_seed(seed)
@@ -266,6 +282,12 @@ def evaluate(
     else:  # an earlier evaluation's heatmap (only there with --overwrite) would pass for this one's
         for name in ROUTER_FILES:
             (output / name).unlink(missing_ok=True)
+    if tasks is not None:
+        results["harness"] = harness_run.run_harness(
+            tuned, tokenizer, tasks, output=output, name=model, adapter=adapter, vs_base=vs_base, reference=reference,
+            base_model=base_model, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, seed=seed)
+    else:
+        harness_run.clear(output)
     results["seconds"] = round(time.time() - started, 1)
     atomic_write_text(output / "eval.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(output / "eval.md", render_markdown(results))
@@ -294,6 +316,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += ["| benchmark | style | metric | score | base | change | items |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += harness_run.harness_markdown(results.get("harness"))
     changes = {n: e["change"] for n, e in results["benchmarks"].items() if "change" in e}
     if changes:
         lines += ["", "## Facts lost and gained against the base model", "",
