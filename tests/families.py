@@ -3,6 +3,7 @@ download), for the family matrix of tests/test_families.py."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,10 @@ from transformers import (
     PhiConfig,
     PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     Qwen2Config,
     Qwen2MoeConfig,
+    Qwen2Tokenizer,
     Qwen3Config,
 )
 
@@ -45,6 +48,15 @@ GPT_SIZES = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}
 LAYERS = 2
 
 
+def qwen2_tokenizer() -> Qwen2Tokenizer:
+    """The words w0..w95 in Qwen2's form: byte-level BPE over ``w``, ``Ġw`` and the digits (ids up to
+    14); ``<|endoftext|>`` (1) ends, ``<|pad|>`` (0) pads. transformers 5 loads a qwen2 folder's
+    tokenizer as a Qwen2Tokenizer whatever its files name (it counts qwen2 among the hub's mislabelled
+    ones), keeping only a BPE's vocabulary and merges: the word-level tokenizer would encode nothing."""
+    vocab = {"<|pad|>": 0, "<|endoftext|>": 1, "w": 2, "Ġ": 3, "Ġw": 4, **{str(d): 5 + d for d in range(10)}}
+    return Qwen2Tokenizer(vocab=vocab, merges=[("Ġ", "w")], eos_token="<|endoftext|>", pad_token="<|pad|>")
+
+
 @dataclass(frozen=True)
 class Family:
     config_class: type[PretrainedConfig]
@@ -56,6 +68,7 @@ class Family:
     DEFAULT_TARGETS in every layer."""
     target_modules: list[str] | None = None
     """What to pass where the defaults cannot work (attach raises a TargetError that says so)."""
+    tokenizer: Callable[[], PreTrainedTokenizerBase] = tiny_tokenizer
 
 
 _SHARED_EXPERT = ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")
@@ -64,7 +77,7 @@ _ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_
 FAMILIES: dict[str, Family] = {
     "llama": Family(LlamaConfig, LLAMA_LIKE),
     "mistral": Family(MistralConfig, LLAMA_LIKE),
-    "qwen2": Family(Qwen2Config, LLAMA_LIKE),
+    "qwen2": Family(Qwen2Config, LLAMA_LIKE, tokenizer=qwen2_tokenizer),
     "qwen3": Family(Qwen3Config, {**LLAMA_LIKE, "head_dim": 8}),
     "gemma": Family(GemmaConfig, {**LLAMA_LIKE, "head_dim": 8}),
     # a window shorter than the test's sequences, so the sliding layers really slide
@@ -98,9 +111,9 @@ def build(name: str, seed: int = 0) -> PreTrainedModel:
 
 
 def save(name: str, folder: Path) -> None:
-    """The family's tiny model and the tiny tokenizer as a local model folder, as a download would be."""
+    """The family's tiny model and tokenizer as a local model folder, as a download would be."""
     build(name).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    FAMILIES[name].tokenizer().save_pretrained(folder)
 
 
 def expected_paths(name: str) -> list[str]:

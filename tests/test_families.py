@@ -18,7 +18,7 @@ import loramoe
 from loramoe import TargetError, models
 from loramoe.adapters import LAYER_CLASSES, LoraMoEConfig, LoraMoELinear
 from loramoe.attach import adapter_layers, disabled_adapters
-from loramoe.generation import generate
+from loramoe.generation import generate, stop_token_ids
 from loramoe.inference import eval_mode
 from loramoe.reference import loramoe_delta_loop
 from loramoe.serialization import adapter_tensors, load_adapter
@@ -80,11 +80,11 @@ def _generates_greedily(model, tokenizer) -> None:
                         stop_on_newline=False, progress=False)[0] for _ in range(2)]
     assert answers[0] == answers[1]
     ids = tokenizer(PROMPT.prompt, return_tensors="pt")["input_ids"]
-    prompt_length = ids.shape[1]
+    prompt_length, stop_ids = ids.shape[1], stop_token_ids(model, tokenizer)
     with torch.no_grad():
         for _ in range(NEW_TOKENS):
             next_id = model(input_ids=ids, use_cache=False).logits[0, -1].argmax()
-            if next_id == tokenizer.eos_token_id:
+            if next_id in stop_ids:
                 break
             ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
     assert answers[0] == tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True).strip()
@@ -125,6 +125,8 @@ def test_one_training_step_saves_an_adapter_that_loads_equal_and_generates(famil
           warmup_ratio=0.0, precision="fp32", logging_steps=1, callbacks=[trained])
 
     model, tokenizer = models.load(folder(family))
+    # the records' words survive the family's tokenizer, so the step trained on them
+    assert tokenizer.decode(tokenizer(PROMPT.prompt)["input_ids"]).strip() == PROMPT.prompt
     load_adapter(model, tmp_path)
     paths = [path for path, _ in adapter_layers(model)]
     assert paths == expected_paths(family)
@@ -140,7 +142,7 @@ def test_one_training_step_saves_an_adapter_that_loads_equal_and_generates(famil
         with disabled_adapters(model):
             base = model(**BATCH).logits
     assert (logits - trained.logits)[REAL].abs().max() <= 1e-5
-    assert (logits - base)[REAL].abs().max() > 1e-6  # the step moved the adapter off the base model
+    assert (logits - base)[REAL].abs().max() > 1e-4  # the step moved the adapter off the base model
 
     _generates_greedily(model, tokenizer)
     if kind == LoraMoEConfig.method:
