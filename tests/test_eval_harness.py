@@ -28,9 +28,10 @@ from tests.test_harness import _offline  # after the skips: that module needs lm
 
 RELATION = "tiny"
 MC, GEN = f"loramoe_probe_{RELATION}_mc", f"loramoe_probe_{RELATION}_gen"
-# the probe's rows over the tiny tokenizer's words: a statement of 2-5 words, the gold answer first
+# the probe's rows over the tiny tokenizer's words: a statement of 2-5 words, the gold answer first,
+# every answer one word, so that which one wins is up to the model, not to the answers' lengths
 FACTS = [{"id": f"tiny/{i}", "statement": " ".join(f"w{2 + (3 * i + k) % 40}" for k in range(2 + i % 4)),
-          "gold": f"w{50 + i}", "choices": [f"w{50 + i}", f"w{60 + i} w{70 + i}", f"w{80 - i} w{42 + i}"],
+          "gold": f"w{50 + i}", "choices": [f"w{50 + i}", f"w{60 + i}", f"w{80 - i}"],
           "aliases": [f"w{50 + i}"]} for i in range(10)]
 SUITE = "text/wikipedia"  # the quickest built-in benchmark: the harness table sits beside it
 
@@ -72,12 +73,13 @@ def setup(tmp_path_factory) -> dict[str, Path]:
             "zero": _adapter(root / "zero", zero_b=True)}
 
 
-def _eval(setup: dict[str, Path], output: Path, adapter: str = "adapter", **options) -> dict:
+def _eval(setup: dict[str, Path], output: Path, adapter: str | None = "adapter", **options) -> dict:
     settings = {"suite": SUITE, "limit": 8, "batch_size": 4, "include_path": setup["tasks"], **options}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return evaluate(model=str(setup["model"]), adapter=setup[adapter], output=output, **settings)
+        return evaluate(model=str(setup["model"]), adapter=setup[adapter] if adapter else None, output=output,
+                        **settings)
     finally:
         torch.set_num_threads(threads)
 
@@ -104,12 +106,12 @@ def test_lm_eval_files_and_eval_numbers_are_lm_evals(setup, vs_base, one_thread)
     saved = json.loads((output / "eval.json").read_text())
     assert saved == json.loads(json.dumps(results))
     written = json.loads((output / "harness" / "results.json").read_text())
-    assert set(written["results"]) == {MC, GEN} and "loramoe_probe_mc" in written["groups"]
+    assert set(written["results"]) == {MC, GEN, "loramoe_probe_mc"} and set(written["groups"]) == {"loramoe_probe_mc"}
     assert {"configs", "versions", "n-samples", "n-shot"} <= set(written) and "samples" not in written
     for folder in (output / "harness", output / "harness" / "base"):
         assert set(_log(folder / f"samples_{MC}.jsonl")) == set(_log(folder / f"samples_{GEN}.jsonl")) == set(range(8))
     harness = saved["harness"]["tasks"]
-    for task, entry in {**written["results"], **written["groups"]}.items():
+    for task, entry in written["results"].items():
         for key, numbers in harness[task]["metrics"].items():
             metric, _, kept = key.partition(",")
             assert numbers["value"] == entry[key] and numbers["stderr"] == entry[f"{metric}_stderr,{kept}"]
@@ -123,7 +125,7 @@ def test_lm_eval_files_and_eval_numbers_are_lm_evals(setup, vs_base, one_thread)
     assert f"| {SUITE} |" in markdown and "## lm-evaluation-harness" in markdown
     row = next(line for line in markdown.splitlines() if line.startswith(f"| {MC} | acc |"))
     assert f"| {harness[MC]['metrics']['acc,none']['value']:.3f} |" in row and row.endswith("| 8 | 0 |")
-    assert "| loramoe_probe_mc | acc |" in markdown and f"| {GEN} | exact_match |" in markdown
+    assert "| loramoe_probe_mc (group) | acc |" in markdown and f"| {GEN} | exact_match |" in markdown
 
 
 def test_the_change_is_paired_by_document_from_the_two_sample_logs(vs_base):
@@ -154,6 +156,17 @@ def test_an_adapter_with_zero_b_changes_nothing(setup, tmp_path):
         assert numbers["change"] == 0 and numbers["ci95"] == [0, 0] and numbers["value"] == numbers["base"]
 
 
+def test_a_model_without_an_adapter_is_compared_with_its_base_model(setup, tmp_path):
+    with pytest.raises(UsageError, match="^--vs-base on a model without an adapter needs --base-model$"):
+        _eval(setup, tmp_path / "refused", adapter=None, harness=[MC], vs_base=True)
+    results = _eval(setup, tmp_path / "same", adapter=None, harness=[MC], vs_base=True,
+                    base_model=str(setup["model"]))  # the same weights loaded twice: nothing changes
+    for numbers in results["harness"]["tasks"][MC]["metrics"].values():
+        assert numbers["change"] == 0 and numbers["value"] == numbers["base"]
+    config = json.loads((tmp_path / "same" / "harness" / "base" / "results.json").read_text())["config"]
+    assert config["adapter"] is None
+
+
 def test_offline_a_task_whose_data_is_on_the_hub_is_one_line_naming_it(setup, tmp_path, monkeypatch):
     # an empty cache: a copy of the data on this machine would be read offline, and rightly
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
@@ -172,7 +185,7 @@ def test_an_unknown_task_is_one_line_with_close_matches(setup, tmp_path):
         _eval(setup, tmp_path, harness=[MC], limit={"lm-loss": 2})
 
 
-def test_the_command_line_scores_the_tasks(setup, tmp_path, one_thread):
+def test_the_command_line_scores_the_tasks(setup, tmp_path, capsys, one_thread):
     cli_main(["eval", "--model", str(setup["model"]), "--adapter", str(setup["adapter"]), "--harness", f"{MC},{GEN}",
               "--include-path", str(setup["tasks"]), "--limit", "2", "--output", str(tmp_path),
               "--num-fewshot", "1"])
@@ -181,3 +194,9 @@ def test_the_command_line_scores_the_tasks(setup, tmp_path, one_thread):
     assert saved["harness"]["tasks"][MC]["documents"] == 2 and "benchmarks" in saved
     assert (tmp_path / "harness" / f"samples_{GEN}.jsonl").is_file()
     assert not (tmp_path / "harness" / "base").exists()
+    again = ["eval", "--model", str(setup["model"]), "--suite", "lm-loss", "--limit", "2", "--output", str(tmp_path)]
+    with pytest.raises(SystemExit):  # the harness results are an earlier evaluation too
+        cli_main(again)
+    assert "harness/results.json" in capsys.readouterr().err
+    cli_main([*again, "--overwrite"])
+    assert not list((tmp_path / "harness").iterdir())  # they would pass for this evaluation's

@@ -15,6 +15,8 @@ unknown name (with close matches), or, offline, a task whose data must come from
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import functools
 import json
 import re
 from contextlib import nullcontext
@@ -35,8 +37,6 @@ HUB_OFFLINE = ("task '{}' needs its data from the Hugging Face hub, which is not
                "(HF_HUB_OFFLINE=1); use a local task with --include-path")
 _UNSAFE = re.compile(r"[^\w.-]")
 """Characters a task name may hold that a file name should not."""
-_NOT_STORED = ("samples",)
-"""Keys of lm-eval's result that results.json leaves out: the samples go to their own files."""
 
 
 def _offline() -> bool:
@@ -64,27 +64,56 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _names(harness: list[str] | str, manager: Any) -> list[str]:
-    """The task, group and tag names ``harness`` gives, glob patterns expanded; an unknown one is
-    refused with the known names closest to it."""
-    out: list[str] = []
-    for name in [harness] if isinstance(harness, str) else harness:
-        name = name.strip()
-        if name in manager.all_tasks:
-            out.append(name)
-            continue
-        matched = manager.match_tasks([name]) if any(c in name for c in "*?[") else []
-        if matched:
-            out += matched
-            continue
-        close = difflib.get_close_matches(name, manager.all_tasks, n=5)
-        hint = f"close matches: {', '.join(close)}" if close else "lm-eval ls tasks lists lm-eval's own"
-        raise UsageError(f"--harness: unknown task '{name}'; {hint} (local task files: --include-path DIR)")
-    return [name for name in dict.fromkeys(out) if name]
+@functools.cache
+def _lm_eval_tasks() -> Any:
+    """lm-eval's own tasks: indexing its thousands of YAML files takes seconds, and they do not
+    change while the process runs (local task files may: they are indexed afresh each time)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
 
 
-def _require_lm_eval() -> None:
-    import loramoe.harness  # noqa: F401  (names the extra to install where lm-eval is missing)
+def _local_only(name: str, index: dict[str, Any], seen: frozenset[str] = frozenset()) -> bool:
+    """Whether the local task files alone build ``name``: a local group may name lm-eval's own tasks."""
+    entry = index.get(name)
+    if entry is None or name in seen:
+        return False
+    children = (entry.cfg or {}).get("task", []) if entry.kind.name == "GROUP" else []
+    return all(isinstance(child, dict) or _local_only(child, index, seen | {name})
+               for child in (children if isinstance(children, list) else [children]))
+
+
+def _matching(given: str, index: dict[str, Any]) -> list[str]:
+    """The names of ``index`` that ``given`` names: itself, or those its glob pattern matches."""
+    return [given] if given in index else sorted(n for n in index if fnmatch.fnmatchcase(n, given))
+
+
+def _managers(harness: list[str] | str, include_path: Path | None) -> dict[str, Any]:
+    """Each task, group or tag name ``harness`` gives (glob patterns expanded) -> the lm-eval
+    ``TaskManager`` that builds it; an unknown name is refused with the known names closest to it."""
+    from lm_eval.tasks import TaskManager
+
+    local = TaskManager(include_path=str(include_path), include_defaults=False) if include_path else None
+    local_index = local.task_index if local else {}
+    out: dict[str, Any] = {}
+    for given in [harness] if isinstance(harness, str) else harness:
+        given = given.strip()
+        names = _matching(given, local_index) if given else []
+        if given and not names:  # lm-eval's own tasks are indexed only where the local files lack the name
+            known = {**_lm_eval_tasks().task_index, **local_index}
+            names = _matching(given, known)
+            if not names:
+                close = difflib.get_close_matches(given, list(known), n=5)
+                hint = f"close matches: {', '.join(close)}" if close else "lm-eval ls tasks lists lm-eval's own"
+                raise UsageError(f"--harness: unknown task '{given}'; {hint} (local task files: --include-path DIR)")
+        for name in names:
+            if local is None or name not in local.task_index:
+                out[name] = _lm_eval_tasks()
+            elif _local_only(name, local.task_index):
+                out[name] = local
+            else:  # a local group of lm-eval's tasks: only a manager of both builds it
+                out[name] = TaskManager(include_path=str(include_path))
+    return out
 
 
 def load_tasks(harness: list[str] | str, *, limit: Any, num_fewshot: int | None,
@@ -98,12 +127,10 @@ def load_tasks(harness: list[str] | str, *, limit: Any, num_fewshot: int | None,
         raise UsageError(f"--num-fewshot {num_fewshot}: give 0 or more examples")
     if include_path is not None and not Path(include_path).is_dir():
         raise UsageError(f"--include-path {include_path}: not a folder of task YAML files")
-    _require_lm_eval()
-    from lm_eval.tasks import TaskManager
+    import loramoe.harness  # noqa: F401  (names the extra to install where lm-eval is missing)
 
-    manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
     tasks: list[Any] = []
-    for name in _names(harness, manager):
+    for name, manager in _managers(harness, include_path).items():
         try:
             loaded = manager.load([name])
         except Exception as error:  # lm-eval and datasets raise whatever their loaders raise
@@ -112,8 +139,12 @@ def load_tasks(harness: list[str] | str, *, limit: Any, num_fewshot: int | None,
             raise UsageError(f"--harness: task '{name}' cannot be loaded: {_one_line(error)}") from error
         top = loaded["groups"][name] if name in loaded["groups"] else loaded["tasks"].get(name)
         tasks += [top] if top is not None else list(loaded["tasks"].values())  # a tag: its tasks
-    try:
-        manager.load(tasks)  # refuses a task named twice (itself and in a group, say), built objects as they are
+    if not tasks:
+        raise UsageError("--harness names no task: give lm-eval task, group or tag names, comma-separated")
+    from lm_eval.tasks import TaskManager
+
+    try:  # a task named twice (itself and in a group, say) is refused here; built objects load as they are
+        TaskManager(include_defaults=False).load(tasks)
     except ValueError as error:
         raise UsageError(f"--harness: {_one_line(error)}") from error
     return tasks
@@ -129,7 +160,7 @@ def _write(result: dict[str, Any], folder: Path) -> dict[str, list[dict[str, Any
     """lm-eval's result as results.json and one samples_<task>.jsonl per task; returns the samples
     as JSON values (what the files hold)."""
     folder.mkdir(parents=True, exist_ok=True)
-    kept = {key: value for key, value in result.items() if key not in _NOT_STORED}
+    kept = {key: value for key, value in result.items() if key != "samples"}  # in files of their own
     atomic_write_text(folder / "results.json", json.dumps(_safe(kept), indent=2, ensure_ascii=False) + "\n")
     samples = {task: _safe(rows) for task, rows in result.get("samples", {}).items()}
     for task, rows in samples.items():
@@ -180,7 +211,7 @@ def paired_change(tuned: list[dict[str, Any]], base: list[dict[str, Any]], key: 
     if not pairs[0] or pairs[0].keys() != pairs[1].keys():
         return None
     if any(pairs[0][d]["prompt_hash"] != pairs[1][d]["prompt_hash"] for d in pairs[0]):
-        raise RuntimeError(f"{key}: the runs with and without the adapter were asked different prompts")
+        raise RuntimeError(f"{key}: the run and its base were asked different prompts")
     values = [[_number(pairs[i][d].get(metric)) for d in sorted(pairs[0])] for i in (0, 1)]
     if any(v is None for run in values for v in run):
         return None
@@ -226,18 +257,18 @@ def run_harness(model: nn.Module, tokenizer: Any, tasks: list[Any], *, output: P
     settings = {"num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size}
     lm = Loaded(model, name, adapter)
     result, samples = _score(lm, tasks, settings, Path(output) / FOLDER)
-    entries = {**result["results"], **result.get("groups", {})}
     section: dict[str, Any] = {"settings": settings, "tasks": {}}
-    for task, entry in entries.items():
-        section["tasks"][task] = {"metrics": _metrics(entry), "documents": result["n-samples"].get(task, {}).get(
-            "effective"), "num_fewshot": result["n-shot"].get(task), "group": task not in result["results"]}
+    for task, entry in result["results"].items():  # its groups' too
+        documents = result["n-samples"].get(task, {}).get("effective", entry.get("sample_len"))
+        section["tasks"][task] = {"metrics": _metrics(entry), "documents": documents,
+                                  "num_fewshot": result["n-shot"].get(task), "group": task in result.get("groups", {})}
     if vs_base:
         base_lm = Loaded(reference, str(base_model), None) if reference is not None else lm
         with lm.without_adapter() if reference is None else nullcontext():
             base, base_samples = _score(base_lm, tasks, settings, Path(output) / FOLDER / "base")
         mean_metrics = {t.task_name: _mean_metrics(t) for t in _leaves(tasks)}
         for task, summary in section["tasks"].items():
-            base_metrics = _metrics({**base["results"], **base.get("groups", {})}.get(task, {}))
+            base_metrics = _metrics(base["results"].get(task, {}))
             for key, numbers in summary["metrics"].items():
                 numbers["base"] = base_metrics.get(key, {}).get("value")
                 numbers["base_stderr"] = base_metrics.get(key, {}).get("stderr")
@@ -266,11 +297,12 @@ def harness_markdown(section: dict[str, Any] | None) -> list[str]:
              "| task | metric | score | ± | base | change | 95 % interval | docs | shots |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for task, summary in section["tasks"].items():
+        name = f"{task} (group)" if summary["group"] else task
+        shots = "" if summary["num_fewshot"] is None else summary["num_fewshot"]
         for key, n in summary["metrics"].items():
             metric, _, kept = key.partition(",")
+            shown = metric if kept == "none" else f"{metric} ({kept})"
             interval = f"[{n['ci95'][0]:.3f}, {n['ci95'][1]:.3f}]" if "ci95" in n else ""
-            shots = "" if summary["num_fewshot"] is None else summary["num_fewshot"]
-            lines.append(f"| {task} | {metric if kept == 'none' else f'{metric} ({kept})'} | {_fmt(n['value'])} | "
-                         f"{_fmt(n['stderr'])} | {_fmt(n.get('base'))} | {_fmt(n.get('change'))} | {interval} | "
-                         f"{summary['documents'] or ''} | {shots} |")
+            lines.append(f"| {name} | {shown} | {_fmt(n['value'])} | {_fmt(n['stderr'])} | {_fmt(n.get('base'))} | "
+                         f"{_fmt(n.get('change'))} | {interval} | {summary['documents'] or ''} | {shots} |")
     return lines
