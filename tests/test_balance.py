@@ -12,6 +12,7 @@ from loramoe.balance import (
     UNTYPED,
     balance_coefficients,
     balancing_loss,
+    content_importance,
     cv_squared,
     group_routing_loss,
     group_shares,
@@ -116,3 +117,20 @@ def test_group_routing_loss_without_typed_samples_is_a_zero_in_the_graph():
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.equal(importance.grad, torch.zeros(3, 4))
+
+
+def test_content_importance_is_the_mean_gate_over_each_samples_own_tokens():
+    torch.manual_seed(0)
+    gates = [torch.rand(3, 6, 4).softmax(-1) for _ in range(2)]
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]])
+    start = torch.tensor([2, 1, 4])
+    out = content_importance(gates, mask, start, "mean")
+    for layer, g in enumerate(gates):
+        for m in range(3):
+            own = [p for p in range(6) if mask[m, p] and p >= start[m]]
+            assert torch.allclose(out[layer, m], g[m, own].mean(0))
+    changed = [g.clone() for g in gates]
+    for g in changed:
+        g[0, :2] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # the shared template's tokens: routed anywhere
+    assert torch.equal(content_importance(changed, mask, start, "mean"), out)
+    assert torch.allclose(content_importance(gates, mask, start, "sum")[0, 2], gates[0][2, 4])

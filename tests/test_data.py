@@ -269,9 +269,12 @@ def test_plain_template_labels_exactly_the_response_and_eos():
     tokenizer = make_tokenizer()
     records, _ = read_records([RECORDS])
     data = tokenize_records(records, tokenizer, max_length=64)
-    assert data.column_names == ["input_ids", "attention_mask", "labels", "sample_type"]
+    assert data.column_names == ["input_ids", "attention_mask", "labels", "sample_type", "content_start"]
     sample = data[0]
     prompt = tokenizer(PLAIN_TEMPLATE.format(instruction="what is the capital of France"))["input_ids"]
+    opening = tokenizer(PLAIN_TEMPLATE.format(instruction=""))["input_ids"]
+    start = next(i for i, (a, b) in enumerate(zip(prompt, opening)) if a != b)
+    assert start > 0 and sample["content_start"] == start  # the record's own words start there
     assert sample["input_ids"] == prompt + tokenizer("Paris")["input_ids"] + [tokenizer.eos_token_id]
     assert sample["labels"] == [IGNORE_INDEX] * len(prompt) + sample["input_ids"][len(prompt):]
     assert sample["attention_mask"] == [1] * len(sample["input_ids"])
@@ -373,12 +376,13 @@ def test_collator_pads_right_with_pad_zero_and_ignore():
     batch = DataCollator(tokenizer)([first, second])
     assert {key: (tuple(t.shape), t.dtype) for key, t in batch.items()} == {
         "input_ids": ((2, 16), torch.long), "attention_mask": ((2, 16), torch.long),
-        "labels": ((2, 16), torch.long), "sample_type": ((2,), torch.long)}
+        "labels": ((2, 16), torch.long), "sample_type": ((2,), torch.long), "content_start": ((2,), torch.long)}
     pad = tokenizer.pad_token_id
     assert batch["input_ids"].tolist() == [first["input_ids"] + [pad, pad], second["input_ids"]]
     assert batch["attention_mask"].tolist() == [[1] * 14 + [0, 0], [1] * 16]
     assert batch["labels"].tolist() == [first["labels"] + [IGNORE_INDEX] * 2, second["labels"]]
     assert batch["sample_type"].tolist() == [3, -1]
+    assert batch["content_start"].tolist() == [first["content_start"], second["content_start"]]
 
 
 def test_collator_pad_to_multiple_of_and_tensor_features():

@@ -51,6 +51,19 @@ def sample_importance(gate_sums: Tensor, token_counts: Tensor, mode: str) -> Ten
     return gate_sums / token_counts.to(gate_sums.dtype).clamp(min=1).unsqueeze(-1)
 
 
+def content_importance(gates: list[Tensor], attention_mask: Tensor, content_start: Tensor, mode: str) -> Tensor:
+    """(layers, M, E) importance over each sample's own tokens only, from per-layer gates
+    (M, seq, E), the (M, seq) attention mask and each sample's ``content_start``: the positions
+    before it are the chat template's opening, the same tokens in every record. No router can send
+    those by type, and in a whole-sample mean they pull every short record towards the majority
+    type (a knowledge question in SmolLM2's template is two thirds template), so the routing
+    objective reads the rest. The constraint keeps the paper's whole-sample importance."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    mask = (attention_mask > 0) & (positions[None, :] >= content_start.to(positions.device)[:, None])
+    sums = torch.stack([(g * mask[:, -g.shape[1]:, None].to(g.dtype)).sum(-2) for g in gates])
+    return sample_importance(sums, mask.sum(-1), mode)
+
+
 def balance_coefficients(sample_types: Tensor, expert_groups: Tensor, delta: float) -> Tensor:
     """``I`` of shape (E, M) from per-sample group indices (M,) and per-expert group indices (E,);
     a sample type of ``UNTYPED`` (or a group no expert has) weights every expert 1."""

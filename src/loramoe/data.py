@@ -53,6 +53,7 @@ _FEATURES = datasets.Features({
     "attention_mask": datasets.List(datasets.Value("int8")),
     "labels": datasets.List(datasets.Value("int32")),
     "sample_type": datasets.Value("int32"),
+    "content_start": datasets.Value("int32"),
 })
 
 
@@ -202,8 +203,10 @@ def _messages(value: object, source: str) -> list[dict[str, str]]:
 def tokenize_records(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, *, max_length: int,
                      type_ids: Mapping[str, int] | None = None,
                      require_types: bool = False) -> datasets.Dataset:
-    """Columns: ``input_ids``, ``attention_mask``, ``labels`` (``IGNORE_INDEX`` on the prompt) and
-    ``sample_type`` (``type_ids[type]``, or -1 for untyped records and types not in ``type_ids``).
+    """Columns: ``input_ids``, ``attention_mask``, ``labels`` (``IGNORE_INDEX`` on the prompt),
+    ``sample_type`` (``type_ids[type]``, or -1 for untyped records and types not in ``type_ids``)
+    and ``content_start``: where the record's own tokens start, after the chat template's opening
+    (its default system prompt, the user header) that every record shares (:func:`shared_prefix`).
 
     With ``require_types`` every record's type must be in ``type_ids`` (else DataError); without
     it, records of a type ``type_ids`` lacks train untyped, and one warning counts them per type
@@ -232,8 +235,12 @@ def tokenize_records(records: Sequence[Record], tokenizer: PreTrainedTokenizerBa
                       "error.", stacklevel=2)
     columns: dict[str, list] = {name: [] for name in _FEATURES}
     truncated = unlabelled = 0
+    opening = shared_prefix(tokenizer)
     for record in records:
         ids, prompt_length = _encode(record.messages, tokenizer)
+        start = 0
+        while start < min(len(opening), prompt_length) and ids[start] == opening[start]:
+            start += 1
         labels = [IGNORE_INDEX] * prompt_length + ids[prompt_length:]
         if len(ids) > max_length:
             ids, labels = ids[:max_length], labels[:max_length]
@@ -245,6 +252,7 @@ def tokenize_records(records: Sequence[Record], tokenizer: PreTrainedTokenizerBa
         columns["attention_mask"].append([1] * len(ids))
         columns["labels"].append(labels)
         columns["sample_type"].append(type_ids.get(record.type, -1))  # untyped: None is never a key
+        columns["content_start"].append(min(start, len(ids) - 1))
     if unlabelled == len(records) and records:
         raise DataError(f"{records[0].source}: every sample's prompt fills max_length={max_length} tokens, "
                         f"so none has a response to learn; raise --max-length")
@@ -254,6 +262,13 @@ def tokenize_records(records: Sequence[Record], tokenizer: PreTrainedTokenizerBa
         warnings.warn(f"{truncated} of {len(records)} samples are longer than max_length={max_length} "
                       f"tokens and were truncated, keeping the start{lost}", stacklevel=2)
     return datasets.Dataset.from_dict(columns, features=_FEATURES)
+
+
+def shared_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens every single-turn record's prompt starts with: the prompt of an empty user turn,
+    up to where its (empty) instruction would be. A record's tokens match it for as long as the
+    template is all they are, so the longest common prefix with it is the template's opening."""
+    return encode_prompt([{"role": "user", "content": ""}], tokenizer)
 
 
 def encode_prompt(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -294,8 +309,9 @@ def _plain_prompt(messages: list[dict[str, str]]) -> str:
 
 class DataCollator:
     """Pads a batch to its longest sample, on the right: ``input_ids`` with the pad token,
-    ``attention_mask`` with 0 and ``labels`` with ``IGNORE_INDEX``; ``sample_type`` becomes a
-    (batch,) tensor. All long tensors. ``pad_to_multiple_of`` rounds the length up (tensor cores)."""
+    ``attention_mask`` with 0 and ``labels`` with ``IGNORE_INDEX``; ``sample_type`` and
+    ``content_start`` (0 where a feature lacks it) become (batch,) tensors. All long tensors.
+    ``pad_to_multiple_of`` rounds the length up (tensor cores)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None):
         if tokenizer.pad_token_id is None:
@@ -315,4 +331,5 @@ class DataCollator:
                 values = torch.as_tensor(feature[key], dtype=torch.long)
                 row[:len(values)] = values
         batch["sample_type"] = torch.tensor([int(f["sample_type"]) for f in features], dtype=torch.long)
+        batch["content_start"] = torch.tensor([int(f.get("content_start", 0)) for f in features], dtype=torch.long)
         return batch

@@ -51,7 +51,13 @@ from transformers.trainer_utils import sort_checkpoints
 
 from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import adapter_config
-from loramoe.balance import balancing_loss, group_routing_loss, group_shares, sample_importance
+from loramoe.balance import (
+    balancing_loss,
+    content_importance,
+    group_routing_loss,
+    group_shares,
+    sample_importance,
+)
 from loramoe.data import IGNORE_INDEX
 from loramoe.errors import LoramoeError, UsageError
 from loramoe.fileio import atomic_write_text
@@ -258,6 +264,7 @@ class LoraMoETrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sample_types = inputs.pop("sample_type", None)
+        content_start = inputs.pop("content_start", None)
         if self.loramoe is None or not model.training:
             result = self._lm_loss(model, inputs, return_outputs, num_items_in_batch)
             self._check_finite(result[0] if return_outputs else result)
@@ -278,8 +285,15 @@ class LoraMoETrainer(Trainer):
         lbc = sum(balancing_loss(q, sample_types, expert_groups, config.balance_delta) for q in importance)
         extra = config.balance_weight * lbc
         if config.route_weight > 0:
+            mask = inputs.get("attention_mask")
+            routed = importance
+            if content_start is not None and mask is not None:  # each record's own tokens (content_importance)
+                routed = content_importance([torch.cat(v) for v in routing.gates.values()], mask, content_start,
+                                            config.balance_importance)
+                if self.args.world_size > 1:
+                    routed = torch.cat(torch.distributed.nn.functional.all_gather(routed), dim=1)
             route = sum(group_routing_loss(q, sample_types, expert_groups, len(config.groups), config.route_target)
-                        for q in importance)
+                        for q in routed)
             extra = extra + config.route_weight * route
         loss_is_scaled = (self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else
                           (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
