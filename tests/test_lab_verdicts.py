@@ -181,9 +181,11 @@ def _change(name, i, m):
 
 def _router(claims):
     end = {"knowledge": 0.272, "task": 0.839} if claims else {"knowledge": 0.512, "task": 0.498}
-    return {"steps": [3, 12, 40], "own_group_share": {k: [0.5, 0.51, v] for k, v in end.items()},
-            "own_share_by_depth": {k: [0.333, 0.263, 0.221] for k in end},
-            "final_per_layer": {k: {g: [0.4, 0.6] for g in end} for k in end},
+    shares = dict(end)
+    end = {**end, "questions": 0.317 if claims else 0.516}
+    return {"steps": [3, 12, 40], "own_group_share": {k: [0.5, 0.51, v] for k, v in shares.items()},
+            "own_share_by_depth": {k: [0.333, 0.263, 0.221] for k in shares},
+            "final_per_layer": {k: {g: [0.4, 0.6] for g in shares} for k in shares},
             "uniform_share": {"knowledge": 0.5, "task": 0.5}, "end_share": end, "claims_routing": claims,
             "target": 0.9 if claims else None, "routed": False if claims else None}
 
@@ -269,7 +271,7 @@ def test_a_whole_report_prints_only_numbers_of_results_json_and_draws_the_fronti
     assert "loramoe-route's router did not route" in text and "One seed: no training variance" in text
     assert "| lora-frontier | lora | lora, lora-hi | 0.0010 / 0.0030 |" in text
     assert "| mixture | **0.8** (verdicts) | 1.440 |" in text
-    assert "| loramoe-route | yes | 0.900 | 0.272 | 0.839 | no |" in text
+    assert "| loramoe-route | yes | 0.900 | 0.272 | 0.317 | 0.839 | no |" in text
     for overclaim in ("would go undetected", "did what the formulas say", "not forgotten"):
         assert overclaim not in text
     assert list(frontier_sets(results)) == ["lora-frontier"]

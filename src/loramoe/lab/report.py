@@ -190,14 +190,19 @@ def _routers(results: dict) -> list[str]:
               f"{fmt(const['lbc_optimum'], 3)} of a sample's gate mass on its own group (balance delta "
               f"{share(const['balance_delta'])}); the routing objective's at its target. An arm that claims routing "
               f"(a routing objective) routes where both shares end at {threshold} or more."), "",
-             ("| arm | claims routing | target | fact statements to the knowledge group, end | task prompts to the "
-              f"task group, end | routed (both {threshold} or more) |"), "| --- | --- | --- | --- | --- | --- |"]
+             ("The same held-out facts are also asked as training asks (the chat question): the router trained on that "
+              "form, so the two knowledge shares side by side say whether it reads the fact or the question's form."),
+             "",
+             ("| arm | claims routing | target | fact statements to the knowledge group, end | the facts as questions, "
+              f"end | task prompts to the task group, end | routed (both {threshold} or more) |"),
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     flags = []
     for name, r in routed.items():
         end = r["end_share"]
         state = "not claimed" if r["routed"] is None else ("yes" if r["routed"] else "no")
         lines.append(f"| {name} | {'yes' if r['claims_routing'] else 'no'} | {fmt(r['target'], 3)} | "
-                     f"{fmt(end.get('knowledge'), 3)} | {fmt(end.get('task'), 3)} | {state} |")
+                     f"{fmt(end.get('knowledge'), 3)} | {fmt(end.get('questions'), 3)} | {fmt(end.get('task'), 3)} | "
+                     f"{state} |")
         if r["routed"] is False:
             entry = {"arm": name, "knowledge": end.get("knowledge"), "task": end.get("task"), "routed": False}
             flags.append(f"{routing_sentence(entry, const['routed_share'])}, so no contrast with it tests routing "
