@@ -27,6 +27,7 @@ from loramoe.evaluate import evaluate
 from loramoe.generate import generate
 from loramoe.lab import lab
 from loramoe.scaling import scaling
+from loramoe.serve import serve
 from loramoe.train import train
 
 _FLAG = re.compile(r"^--([a-z0-9]+(?:-[a-z0-9]+)+)(=.*)?$")
@@ -65,7 +66,7 @@ def _load_config(text: str) -> Any:
 
 
 COMMANDS = {"lab": lab, "demo": run_demo, "train": train, "eval": evaluate, "generate": generate,
-            "scaling": scaling, "convert": convert}
+            "scaling": scaling, "convert": convert, "serve": serve}
 LIST_FLAGS = {"--data", "--val_data", "--target_modules", "--train_data", "--columns", "--harness"}
 """Flags that take several values, written the usual way: ``--data a.jsonl b.csv``."""
 BOOL_FLAGS = {f"--{name}" for command in COMMANDS.values()
@@ -78,6 +79,10 @@ def _boolean_word(arg: str) -> bool:
     """Whether jsonargparse, which reads a flag's value as YAML, reads ``arg`` as true or false."""
     return arg.isalpha() and isinstance(yaml.safe_load(arg), bool)
 
+
+COMMAND_LIST_FLAGS = {"serve": {"--adapter"}}
+"""Per subcommand, list flags whose name is a single value's elsewhere (``serve --adapter a=X b=Y``,
+and ``--adapter a=X --adapter b=Y`` alike)."""
 
 COMMA_LIST_FLAGS = {"scaling": {"--method", "--ranks"}, "eval": {"--harness"}}
 """Per subcommand, list flags that also take comma-separated values (``--ranks 1,2,4``, ``--harness
@@ -96,7 +101,7 @@ def _normalise_flags(argv: list[str]) -> list[str]:
         arg = argv[i]
         flag = f"--{m.group(1).replace('-', '_')}{m.group(2) or ''}" if (m := _FLAG.match(arg)) else arg
         i += 1
-        if flag in LIST_FLAGS or flag in comma_flags:
+        if flag in LIST_FLAGS or flag in comma_flags or flag in COMMAND_LIST_FLAGS.get(command, set()):
             values = []
             while i < len(argv) and not argv[i].startswith("--"):
                 values.append(argv[i])
@@ -104,6 +109,10 @@ def _normalise_flags(argv: list[str]) -> list[str]:
             if flag in comma_flags and not (len(values) == 1 and values[0].lstrip().startswith("[")):
                 values = [part for value in values for part in value.split(",") if part]
             already_a_list = len(values) == 1 and values[0].lstrip().startswith("[")
+            if not already_a_list and flag in out:  # a repeated list flag adds to its values
+                at = out.index(flag) + 1
+                out[at] = json.dumps([*json.loads(out[at]), *values])
+                continue
             out += [flag, values[0] if already_a_list else json.dumps(values)]
             continue
         out.append(flag)
