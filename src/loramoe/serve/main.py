@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import socket
 
 from loramoe.errors import UsageError
@@ -74,9 +75,14 @@ def serve(
                              trust_remote_code=trust_remote_code)
     engine = Engine(registry, max_batch=max_batch)
     engine.start()
+    # uvicorn handles the signal, shuts down, then raises it again for the handler it found installed:
+    # with Python's default that would kill the process (exit -15) after a clean shutdown
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         print(f"loramoe serve: {', '.join(registry.names())} on http://{host}:{port} (chat page at /)", flush=True)
         uvicorn.Server(uvicorn.Config(create_app(registry, engine, api_key=api_key), host=host, port=port,
                                       log_level="warning")).run()
     finally:
         engine.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
