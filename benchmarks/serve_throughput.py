@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -58,13 +59,12 @@ def free_port() -> int:
 def start_server(model_name: str, adapter: Path, port: int) -> subprocess.Popen:
     server = subprocess.Popen([sys.executable, "-m", "loramoe.cli", "serve", "--model", model_name, "--adapter",
                                f"moe={adapter}", "--port", str(port)], env=dict(os.environ))
-    import httpx
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return server
+        except OSError:
             time.sleep(0.5)
     server.kill()
     raise SystemExit("the server did not answer /health within 300 s")
