@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from common import machine, write_json
+from common import machine, paired_ratio, ratio_spread, write_json
 from transformers import GenerationConfig
 
 from loramoe import LoraMoEConfig, adapter_layers, attach, models, save_adapter
@@ -110,25 +110,26 @@ def main() -> None:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
         try:
             through_server(client, 16, 4)  # warm-up
-            rates: dict[str, list[float]] = {f"server_{c}": [] for c in CLIENTS} | {"generate": []}
-            ratios: dict[int, list[float]] = {c: [] for c in CLIENTS}
+            times: dict[str, list[float]] = {"generate": []} | {f"server_{c}": [] for c in CLIENTS}
+            tokens = 0
             for _ in range(args.rounds):
                 seconds, texts = through_generate(model, tokenizer, args.max_tokens)
-                tokens = None
+                times["generate"].append(seconds)
                 for c in CLIENTS:
                     served_seconds, served_texts, tokens = through_server(client, c, args.max_tokens)
                     if served_texts != texts:
                         raise SystemExit(f"{c} clients: the server's greedy answers differ from generate's")
-                    rates[f"server_{c}"].append(tokens / served_seconds)
-                    ratios[c].append(seconds / served_seconds)
-                rates["generate"].append(tokens / seconds)
+                    times[f"server_{c}"].append(served_seconds)
         finally:
             server.terminate()
             server.wait(timeout=120)
+    # the same greedy answers every time, so tokens/s ratios are the inverse time ratios of one round
     result = {"machine": machine(torch.device("cpu")), "prompts": len(PROMPTS), "max_tokens": args.max_tokens,
-              "tokens_per_s_median": {k: statistics.median(v) for k, v in rates.items()},
-              "ratio_to_generate": {c: {"median": statistics.median(r), "quartiles": quartiles(r)}
-                                    for c, r in ratios.items()}}
+              "completion_tokens": tokens,
+              "tokens_per_s_median": {name: tokens / statistics.median(t) for name, t in times.items()},
+              "ratio_to_generate": {c: {"median": paired_ratio(times, "generate", f"server_{c}"),
+                                        "quartiles": ratio_spread(times, f"server_{c}")["generate"]}
+                                    for c in CLIENTS}}
     print(f"{'clients':>8} {'tokens/s':>9} {'x generate':>11} {'quartiles':>15}")
     print(f"{'generate':>8} {result['tokens_per_s_median']['generate']:9.1f}")
     for c in CLIENTS:
@@ -136,10 +137,6 @@ def main() -> None:
         print(f"{c:>8} {result['tokens_per_s_median'][f'server_{c}']:9.1f} {q['median']:11.2f} "
               f"{q['quartiles'][0]:7.2f}-{q['quartiles'][1]:.2f}")
     write_json(args.json, result)
-
-
-def quartiles(values: list[float]) -> list[float]:
-    return statistics.quantiles(values, n=4)[::2] if len(values) > 1 else values * 2
 
 
 if __name__ == "__main__":

@@ -12,6 +12,19 @@ from loramoe.lab.report import fmt, signed
 
 NUMBER = re.compile(r"[+-]?\d[\d,]*(?:\.\d+)?")
 
+TINY_LAB = """
+model: {model}
+mix: {{records: 16, knowledge_share: 0.25}}
+train: {{batch_size: 4, max_length: 64, precision: fp32}}
+variants:
+{variants}
+contrasts:
+{contrasts}
+score: {{points: 2, task_items: 2, chat_items: 1, generation_items: 1, max_new_tokens: 3, batch_size: 8,
+        precision: fp32, bootstrap: 200}}
+"""
+"""A lab the tiny model runs in seconds; ``variants`` and ``contrasts`` are lab.yaml lines (indented)."""
+
 
 def _numbers(value, out: set[str]) -> None:
     if isinstance(value, dict):

@@ -13,6 +13,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 
 from loramoe.lab import lab
 from tests.conftest import save_tiny
+from tests.lab_checks import TINY_LAB
 from tests.serving import LORA, MOE, request, server_fixture
 
 server = server_fixture()
@@ -22,18 +23,10 @@ GROUP_RGB = {"knowledge": (31, 119, 180), "task": (255, 127, 14)}
 """The page's colours of the two groups (the paper's router figure)."""
 SHARE = re.compile(r"(\w+) ([\d.]+)%")
 
-TINY_LAB = """
-model: {model}
-mix: {{records: 16, knowledge_share: 0.25}}
-train: {{batch_size: 4, max_length: 64, precision: fp32}}
-variants:
-  lora: {{method: lora, lr: 1.0e-3, seeds: [0]}}
-  loramoe: {{method: loramoe, lr: 1.0e-3, seeds: [0]}}
-contrasts:
-  - {{name: mixture, a: loramoe, b: lora, question: "Does the mixture keep more?"}}
-score: {{points: 2, task_items: 2, chat_items: 1, generation_items: 1, max_new_tokens: 3, batch_size: 8,
-        precision: fp32, bootstrap: 200}}
-"""
+TINY_LAB_ARMS = dict(variants="""\
+  lora: {method: lora, lr: 1.0e-3, seeds: [0]}
+  loramoe: {method: loramoe, lr: 1.0e-3, seeds: [0]}""", contrasts="""\
+  - {name: mixture, a: loramoe, b: lora, question: "Does the mixture keep more?"}""")
 """A lab of one LoRA and one LoRAMoE run (seconds on the tiny model): every figure kind of the
 report, the router's included."""
 
@@ -153,7 +146,7 @@ def test_the_lab_report_shows_every_figure(browser, tmp_path, monkeypatch, one_t
     monkeypatch.setenv("LORAMOE_CACHE", str(tmp_path / "cache"))  # the lab's pace file stays in the test's folder
     save_tiny(tmp_path / "model")
     config = tmp_path / "lab.yaml"
-    config.write_text(TINY_LAB.format(model=tmp_path / "model"))
+    config.write_text(TINY_LAB.format(model=tmp_path / "model", **TINY_LAB_ARMS))
     lab(lab_config=config, output=tmp_path / "out")
     report = tmp_path / "out" / "report.html"
 

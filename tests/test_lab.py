@@ -17,22 +17,14 @@ from loramoe.lab.probe import build_probe, lab_probe
 from loramoe.lab.verdicts import VERDICTS
 from loramoe.train.sampling import LengthGroupedSampler
 from tests.conftest import save_tiny
-from tests.lab_checks import check_report
+from tests.lab_checks import TINY_LAB, check_report
 
-TINY = """
-model: {model}
-mix: {{records: 16, knowledge_share: 0.25}}
-train: {{batch_size: 4, max_length: 64, precision: fp32}}
-variants:
-  full: {{method: full, lr: 1.0e-3, seeds: [0]}}
-  lora: {{method: lora, lr: 1.0e-3, seeds: [0]}}
-  loramoe-lbc: {{method: loramoe, lr: 1.0e-3, balance_weight: 0.1, seeds: [0, 1]}}
-contrasts:
-  - {{name: backbone, a: loramoe-lbc, b: full, question: "Does the frozen backbone keep more?"}}
-  - {{name: mixture, a: loramoe-lbc, b: lora, question: "Does the mixture keep more?"}}
-score: {{points: 2, task_items: 2, chat_items: 1, generation_items: 1, max_new_tokens: 3, batch_size: 8,
-        precision: fp32, bootstrap: 200}}
-"""
+TINY = dict(variants="""\
+  full: {method: full, lr: 1.0e-3, seeds: [0]}
+  lora: {method: lora, lr: 1.0e-3, seeds: [0]}
+  loramoe-lbc: {method: loramoe, lr: 1.0e-3, balance_weight: 0.1, seeds: [0, 1]}""", contrasts="""\
+  - {name: backbone, a: loramoe-lbc, b: full, question: "Does the frozen backbone keep more?"}
+  - {name: mixture, a: loramoe-lbc, b: lora, question: "Does the mixture keep more?"}""")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +38,7 @@ def tiny_lab(tmp_path_factory):
     os.environ["LORAMOE_CACHE"] = str(root / "cache")  # the pace file a lab keeps stays in the test's folder
     save_tiny(root / "model")
     config = root / "lab.yaml"
-    config.write_text(TINY.format(model=root / "model"))
+    config.write_text(TINY_LAB.format(model=root / "model", **TINY))
     results = lab(lab_config=config, output=root / "out")
     yield root, config, results
     torch.set_num_threads(threads)

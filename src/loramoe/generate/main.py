@@ -60,15 +60,20 @@ def read_prompts(file: Path) -> list[list[dict[str, str]]]:
     return conversations
 
 
+def check_adapter_folder(adapter: Path, flag: str) -> None:
+    """Refuse, before any model loads, a folder that holds no adapter or a bad adapter config."""
+    if not (Path(adapter) / CONFIG_NAME).is_file():
+        hint = (" (it holds a full model: pass it as --model)" if (Path(adapter) / "config.json").is_file()
+                else "")
+        raise MissingFileError(f"--adapter {flag}: no {CONFIG_NAME} there{hint}")
+    read_adapter_config(adapter)
+
+
 def load_for_generation(model: str, adapter: Path | None, trust_remote_code: bool = False
                         ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model with its adapter attached (any kind), in eval mode."""
-    if adapter is not None and not (Path(adapter) / CONFIG_NAME).is_file():
-        hint = (" (it holds a full model: pass it as --model)" if (Path(adapter) / "config.json").is_file()
-                else "")
-        raise MissingFileError(f"--adapter {adapter}: no {CONFIG_NAME} there{hint}")
     if adapter is not None:
-        read_adapter_config(adapter)  # a bad config is refused before the model loads, not after
+        check_adapter_folder(adapter, str(adapter))
     loaded, tokenizer = models.load(model, trust_remote_code=trust_remote_code)
     if adapter is not None:
         load_adapter(loaded, adapter)

@@ -26,17 +26,23 @@ def group_names(config: LoraMoEConfig) -> list[str]:
     return list(config.groups) if config.groups else [f"expert {i}" for i in range(config.num_experts)]
 
 
+def group_matrix(config: LoraMoEConfig) -> torch.Tensor:
+    """(E, groups) one-hot: which of :func:`group_names` each expert counts for."""
+    groups = torch.tensor(config.expert_groups() if config.groups else list(range(config.num_experts)))
+    return torch.nn.functional.one_hot(groups, len(group_names(config))).float()
+
+
+def share_rows(gates: torch.Tensor, config: LoraMoEConfig) -> list[dict[str, float]]:
+    """Gates (layers, rows, E) as each row's share per group, averaged over the layers (4 decimals)."""
+    shares = (gates.float() @ group_matrix(config)).mean(0)  # (rows, groups)
+    return [{name: round(float(value), 4) for name, value in zip(group_names(config), row)} for row in shares]
+
+
 def token_shares(record: RoutingRecord, config: LoraMoEConfig, tokens: int) -> list[dict[str, float]]:
     """Per generated token (``tokens`` of them), each group's share of the gate mass."""
-    names = group_names(config)
-    groups = torch.tensor(config.expert_groups() if config.groups else list(range(config.num_experts)))
-    onehot = torch.nn.functional.one_hot(groups, len(names)).float()  # (E, groups)
-    per_layer = []
-    for forwards in record.gates.values():  # a layer's gates, one (batch, seq, E) tensor per forward
-        last = torch.stack([gates[0, -1].float() for gates in forwards[:tokens]])  # (tokens, E)
-        per_layer.append(last @ onehot)
-    shares = torch.stack(per_layer).mean(0)  # (tokens, groups)
-    return [{name: round(float(value), 4) for name, value in zip(names, row)} for row in shares]
+    # a layer's gates are one (batch, seq, E) tensor per forward; a token's are the last position's
+    return share_rows(torch.stack([torch.stack([gates[0, -1] for gates in forwards[:tokens]])
+                                   for forwards in record.gates.values()]), config)
 
 
 def render(tokens: Sequence[str], shares: Sequence[dict[str, float]], console: Console) -> None:

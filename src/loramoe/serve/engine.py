@@ -34,6 +34,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import adapter_config
+from loramoe.generate.routing_strip import share_rows
 from loramoe.generation import left_pad, stop_token_ids
 from loramoe.routing import RoutingRecord, capture_routing
 from loramoe.serve.registry import Registry, ServedModel
@@ -166,21 +167,14 @@ class _Steps(StoppingCriteria):
     """Reads every step's new tokens (see the module docstring)."""
 
     def __init__(self, rows: list[_Row], served: ServedModel, record: RoutingRecord | None) -> None:
-        self.rows, self.record = rows, record
-        names = served.groups
-        if record is not None:
-            config = adapter_config(served.model)
-            groups = config.expert_groups() if config.groups else list(range(config.num_experts))
-            self.onehot = torch.nn.functional.one_hot(torch.tensor(groups), len(names)).float()
-        self.names = names
+        self.rows, self.record, self.config = rows, record, adapter_config(served.model)
 
     def _shares(self) -> list[dict[str, float]] | None:
         if self.record is None:
             return None
-        last = torch.stack([forwards[-1][:, -1].float() for forwards in self.record.gates.values()])  # (L, B, E)
-        shares = (last @ self.onehot).mean(0)  # (B, groups)
+        last = torch.stack([forwards[-1][:, -1] for forwards in self.record.gates.values()])  # (layers, rows, E)
         self.record.clear()  # one step at a time: a long batch keeps no history
-        return [{n: round(float(v), 4) for n, v in zip(self.names, row)} for row in shares]
+        return share_rows(last, self.config)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         shares = self._shares()

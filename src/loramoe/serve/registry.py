@@ -20,9 +20,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from loramoe import models
 from loramoe.adapters import LoraMoEConfig
 from loramoe.attach import adapter_config
-from loramoe.errors import MissingFileError, UsageError
+from loramoe.errors import UsageError
+from loramoe.generate.main import check_adapter_folder
 from loramoe.generate.routing_strip import group_names
-from loramoe.serialization import CONFIG_NAME, load_adapter, read_adapter_config
+from loramoe.serialization import load_adapter
 
 DEFAULT_CONTEXT = 2048
 """The context assumed for a model whose config names none."""
@@ -106,9 +107,7 @@ def adapter_names(specs: list[str]) -> dict[str, Path]:
             raise UsageError(f"--adapter {spec}: give NAME=DIR or DIR")
         if name in named:
             raise UsageError(f"--adapter {spec}: the name '{name}' is given twice")
-        if not (Path(folder) / CONFIG_NAME).is_file():
-            raise MissingFileError(f"--adapter {spec}: no {CONFIG_NAME} in {folder}")
-        read_adapter_config(folder)  # a bad config is refused before the base model loads
+        check_adapter_folder(Path(folder), spec)
         named[name] = Path(folder)
     return named
 
